@@ -1,0 +1,170 @@
+"""The run configuration: one typed, validated object, resolved once.
+
+A profile file (``bench/profiles/<name>.yaml``) gives every value; overrides
+(``section.key=value`` strings, e.g. from Makefile variables) replace some of
+them. The resolved object is passed down to every stage, written to
+``<run dir>/config.json`` for the training ranks, and recorded whole in the
+results file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+# Criteo click-log layout: label, 13 integer features, 26 categorical features.
+NUM_DENSE = 13
+NUM_SPARSE = 26
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(_Section):
+    """Shape of the synthetic Criteo-format data and its ground-truth click model."""
+
+    max_cardinality: int = Field(gt=1, description="cap on distinct values of the largest column")
+    zipf_exponent: float = Field(gt=1.0, description="power-law exponent of value frequencies")
+    click_rate: float = Field(gt=0.0, lt=1.0, description="target mean click probability")
+    interaction_pairs: int = Field(ge=0, description="categorical column pairs with a pairwise effect")
+    signal_scale: float = Field(gt=0.0, description="std of the ground-truth logit before calibration")
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "criteo", "kaggle"]
+    dir: Path
+    days: int = Field(ge=1, le=23, description="training days; one more day is the evaluation day")
+    rows_per_day: int = Field(ge=100)
+    seed: int = 0
+    synthetic: SyntheticConfig
+
+
+class PreprocessConfig(_Section):
+    engine: Literal["raydp", "local"]
+    executors: int = Field(ge=1)
+    executor_cores: int = Field(ge=1)
+    executor_memory: str = Field(pattern=r"^\d+[mg]$")
+    freq_threshold: int = Field(ge=0, description="values seen fewer times in training map to id 0")
+
+
+class ModelConfig(_Section):
+    embedding_dim: int = Field(ge=1)
+    bottom_mlp: list[int] = Field(min_length=1, description="hidden and output sizes; input is 13")
+    top_mlp: list[int] = Field(min_length=1, description="hidden and output sizes; last must be 1")
+
+    @model_validator(mode="after")
+    def _bottom_matches_embeddings(self) -> "ModelConfig":
+        # The dot interaction needs the bottom MLP output in the embedding space.
+        if self.bottom_mlp[-1] != self.embedding_dim:
+            raise ValueError(f"bottom_mlp must end in embedding_dim ({self.embedding_dim})")
+        return self
+
+    @field_validator("top_mlp")
+    @classmethod
+    def _one_logit(cls, v: list[int]) -> list[int]:
+        if v[-1] != 1:
+            raise ValueError("the top MLP must end in 1 output (the click logit)")
+        return v
+
+
+class TrainConfig(_Section):
+    ranks_per_node: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="global batch, split evenly across ranks")
+    epochs: int = Field(ge=1)
+    dense_lr: float = Field(gt=0)
+    sparse_lr: float = Field(gt=0)
+    seed: int = 0
+    eval_batch_size: int = Field(ge=1)
+
+
+class InferenceConfig(_Section):
+    ranks: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    warmup_batches: int = Field(ge=0)
+    max_batches: int = Field(ge=1, description="timed batches per rank at most")
+
+
+class ClusterConfig(_Section):
+    nodes: int = Field(ge=1)
+    cpus_per_node: int | None = Field(default=None, ge=1, description="None: this machine's cores")
+
+
+class Config(_Section):
+    profile: str
+    data: DataConfig
+    preprocess: PreprocessConfig
+    model: ModelConfig
+    train: TrainConfig
+    inference: InferenceConfig
+    cluster: ClusterConfig
+    results_dir: Path
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster.nodes * self.train.ranks_per_node
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def _parse_value(text: str) -> object:
+    # YAML gives ints, floats, bools and lists ("[512,256]") their natural types.
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    dotted, value = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise ConfigError(f"unknown setting {dotted!r}: no section {key!r}")
+        node = node[key]
+    if keys[-1] not in node:
+        raise ConfigError(f"unknown setting {dotted!r}; see bench/profiles/*.yaml for the names")
+    node[keys[-1]] = _parse_value(value)
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f"={value!r}"
+    return f"invalid setting {where}{shown}: {first['msg']}"
+
+
+def resolve(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a profile and apply ``section.key=value`` overrides; raise ConfigError on any problem."""
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(available_profiles())}")
+    tree = yaml.safe_load(path.read_text())
+    tree["profile"] = profile
+    for override in overrides:
+        _apply_override(tree, override)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load(path: Path) -> Config:
+    """Read a resolved configuration back (training and inference ranks do this)."""
+    return Config.model_validate(json.loads(Path(path).read_text()))
