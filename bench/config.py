@@ -37,8 +37,13 @@ class SyntheticConfig(_Section):
     max_cardinality: int = Field(gt=1, description="cap on distinct values of the largest column")
     zipf_exponent: float = Field(gt=1.0, description="power-law exponent of value frequencies")
     click_rate: float = Field(gt=0.0, lt=1.0, description="target mean click probability")
-    interaction_pairs: int = Field(ge=0, description="categorical column pairs with a pairwise effect")
+    interaction_pairs: int = Field(
+        ge=0, le=NUM_SPARSE * (NUM_SPARSE - 1) // 2, description="categorical column pairs with a pairwise effect"
+    )
     signal_scale: float = Field(gt=0.0, description="std of the ground-truth logit before calibration")
+    effect_half_count: float = Field(
+        gt=0.0, description="expected training occurrences at which a value's effect is half its full size"
+    )
 
 
 class DataConfig(_Section):

@@ -1,0 +1,270 @@
+"""The whole benchmark, one command: data -> preprocess -> train -> evaluate -> inference -> results.
+
+    python -m bench.pipeline --profile small [--set section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench import cluster, launch, results
+from bench.config import Config, ConfigError, resolve
+from bench.fsutil import atomic_write_json, read_json
+from bench.progress import Reporter
+from preprocess import layout
+
+STAGES = ("data", "preprocess", "train", "evaluate", "inference")
+
+
+class StageError(RuntimeError):
+    def __init__(self, stage: str, message: str, log: Path | None):
+        where = f" (log: {log})" if log else ""
+        super().__init__(f"stage {stage} failed: {message}{where}")
+        self.stage = stage
+
+
+def _key(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Run:
+    """State of one pipeline run: its configuration, folders and the results being filled in."""
+
+    def __init__(self, cfg: Config, reporter: Reporter):
+        self.cfg = cfg
+        self.reporter = reporter
+        started = results.utc_now()
+        self.results: dict = {
+            "schema_version": results.SCHEMA_VERSION,
+            "run_id": results.run_id(cfg.profile, started),
+            "profile": cfg.profile,
+            "status": "running",
+            "error": None,
+            "started_at": started,
+            "finished_at": None,
+            "git": results.git_info(),
+            "machine": results.machine_info(),
+            "software": results.software_info(),
+            "cluster": {"nodes": cfg.cluster.nodes, "ranks": cfg.world_size, "ranks_per_node": cfg.train.ranks_per_node},
+            "config": cfg.to_json(),
+            "dataset": {},
+            "stages": {},
+            "total_seconds": None,
+        }
+        self.dir = Path(cfg.results_dir) / "runs" / self.results["run_id"]
+        self.logs = self.dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / "config.json", cfg.to_json())
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        """Time a stage; turn any failure into a one-line StageError naming its log."""
+        record: dict = {}
+        self.results["stages"][name] = record
+        self.reporter.stage(name)
+        start = time.perf_counter()
+        try:
+            yield record
+        except (StageError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 - every failure becomes the stage's error
+            log = self.logs / f"{name}.log"
+            with open(log, "a") as f:
+                traceback.print_exc(file=f)
+            raise StageError(name, str(err).splitlines()[0] if str(err) else type(err).__name__, log) from err
+        finally:
+            record.setdefault("seconds", round(time.perf_counter() - start, 3))
+
+
+def data_stage(run: Run) -> Path:
+    cfg = run.cfg.data
+    with run.stage("data") as rec:
+        if cfg.source != "synthetic":
+            raw = Path(cfg.dir) / cfg.source
+            if not raw.is_dir() or not any(raw.iterdir()):
+                raise RuntimeError(f"no {cfg.source} data in {raw}; put the day files there or use DATA=synthetic")
+            manifest = read_json(raw / layout.DATASET_MANIFEST)
+            rec["reused"] = True
+        else:
+            from preprocess import synthetic
+
+            raw = Path(cfg.dir) / "raw" / f"synthetic-{_key(cfg.model_dump(mode='json', exclude={'dir'}))}"
+            if (raw / layout.DATASET_MANIFEST).is_file():
+                manifest = read_json(raw / layout.DATASET_MANIFEST)
+                rec["reused"] = True
+            else:
+                total = (cfg.days + 1) * cfg.rows_per_day
+                start = time.perf_counter()
+                with run.reporter.task("generate rows", total=total) as task:
+                    manifest = synthetic.generate(cfg, raw, workers=cluster.cpus(run.cfg), progress=task.advance)
+                rec["reused"] = False
+                rec["rows_per_s"] = round(total / (time.perf_counter() - start), 1)
+        run.results["dataset"] = {
+            "source": manifest.get("source", cfg.source),
+            "path": str(raw),
+            "train_days": manifest.get("train_days"),
+            "eval_day": manifest.get("eval_day"),
+            "rows_per_day": manifest.get("rows_per_day"),
+            "oracle_auc": manifest.get("oracle_auc"),
+        }
+    return raw
+
+
+def preprocess_stage(run: Run, raw: Path) -> Path:
+    from preprocess import spark_job
+
+    cfg = run.cfg
+    dataset = read_json(raw / layout.DATASET_MANIFEST)
+    train_files = [layout.day_file(raw, d) for d in dataset["train_days"]]
+    eval_files = [layout.day_file(raw, dataset["eval_day"])]
+    key = _key({"dataset": dataset, "preprocess": cfg.preprocess.freq_threshold, "format": layout.FORMAT_VERSION})
+    out = Path(cfg.data.dir) / "processed" / key
+    with run.stage("preprocess") as rec:
+        if (out / layout.MANIFEST).is_file():
+            manifest = read_json(out / layout.MANIFEST)
+            rec.update(reused=True, **manifest["timing"])
+        else:
+            missing = [str(f) for f in train_files + eval_files if not f.is_file()]
+            if missing:
+                raise RuntimeError(f"missing day files: {', '.join(missing)}")
+            start = time.perf_counter()
+            with run.reporter.task("spark job", total=None) as task:
+                with cluster.spark_session(cfg.preprocess, run.dir / "spark-scratch") as spark:
+                    startup = time.perf_counter() - start
+                    job_start = time.perf_counter()
+                    manifest = spark_job.run(spark, cfg.preprocess, train_files, eval_files, out, progress=task.note)
+            job_seconds = time.perf_counter() - job_start
+            timing = {
+                "spark_startup_seconds": round(startup, 3),
+                "job_seconds": round(job_seconds, 3),
+                "rows_per_s": round(spark_job.rows_per_s(manifest, job_seconds), 1),
+            }
+            manifest["timing"] = timing
+            atomic_write_json(out / layout.MANIFEST, manifest)
+            rec.update(reused=False, **timing)
+        rec["rows_read"] = manifest["rows_read"]
+        rec["rows_rejected"] = sum(manifest["rows_rejected"].values())
+        rec["vocab_sizes"] = manifest["vocab_sizes"]
+        run.results["dataset"]["rows"] = manifest["rows"]
+        run.results["dataset"]["processed_path"] = str(out)
+    return out
+
+
+def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
+    cfg = run.cfg
+    threads = max(1, place.nodes[0]["cpus"] // cfg.train.ranks_per_node)
+    with run.stage("train") as rec:
+        with run.reporter.task("train steps", total=None) as task:
+
+            def on_progress(p: dict) -> None:
+                task.update(p["step"], total=p["steps"], info=f"{p['samples_per_s']:,.0f} samples/s  loss {p['loss']:.4f}")
+
+            launch.run(
+                place, cfg.train.ranks_per_node, "dlrm.train",
+                ["--config", str(run.dir / "config.json"), "--data", str(data), "--out", str(run.dir)],
+                run.logs / "train.log", threads, on_progress,
+            )
+        out = read_json(run.dir / "train.json")
+        rec.update(
+            samples_per_s=out["samples_per_s"], steps=out["steps"], samples=out["samples"], final_loss=out["final_loss"],
+            backend=out["backend"], ipex=out["ipex"], threads_per_rank=out.get("threads_per_rank"),
+        )
+        run.results["software"]["backend"] = out["backend"]
+        run.results["software"]["ipex"] = out["ipex"]
+    # Evaluation ran inside the training job; report it as its own stage.
+    run.results["stages"]["train"]["seconds"] = round(rec["seconds"] - out["eval_seconds"], 3)
+    run.results["stages"]["evaluate"] = {
+        "seconds": out["eval_seconds"], "auc": out["auc"], "logloss": out["logloss"], "accuracy": out["accuracy"],
+        "rows": out["test_rows"],
+    }
+    oracle = (run.results["dataset"].get("oracle_auc") or {}).get("test")
+    if oracle is not None:
+        run.results["stages"]["evaluate"]["oracle_auc"] = oracle
+        run.results["stages"]["evaluate"]["auc_gap"] = round(oracle - out["auc"], 5)
+
+
+def inference_stage(run: Run, data: Path, place: cluster.Placement) -> None:
+    cfg = run.cfg
+    ranks = cfg.inference.ranks
+    single = cluster.Placement(place.nodes[:1])
+    with run.stage("inference") as rec:
+        with run.reporter.task("inference", total=None):
+            launch.run(
+                single, ranks, "dlrm.inference",
+                ["--config", str(run.dir / "config.json"), "--data", str(data), "--checkpoint", str(run.dir / "model.pt"),
+                 "--out", str(run.dir)],
+                run.logs / "inference.log", max(1, single.nodes[0]["cpus"] // ranks),
+            )
+        out = read_json(run.dir / "inference.json")
+        rec.update(samples_per_s=out["samples_per_s"], latency_ms=out["latency_ms"], batch_size=out["batch_size"],
+                   batches=out["batches"], ranks=out["ranks"])
+
+
+def execute(run: Run) -> None:
+    cfg = run.cfg
+    raw = data_stage(run)
+    java = cluster.engine_environment(dict(os.environ))
+    os.environ.update(java)  # Ray- and Spark-started JVMs inherit it
+    run.results["software"]["java"] = f"{cluster.java_version(java['JAVA_HOME'] + '/bin/java')} ({java['BENCH_JAVA_ORIGIN']})"
+    run.results["software"]["mpi"] = launch.mpi_version()
+    with cluster.ray_cluster(cfg, run.logs) as ray_info:
+        run.results["cluster"]["ray"] = ray_info
+        processed = preprocess_stage(run, raw)
+        with cluster.placement(cfg, cfg.train.ranks_per_node) as place:
+            run.results["cluster"]["placement"] = place.nodes
+            train_stage(run, processed, place)
+            inference_stage(run, processed, place)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="small")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve(args.profile, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # SIGTERM (CI cancelling, a scheduler) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    reporter = Reporter()
+    run = Run(cfg, reporter)
+    start = time.perf_counter()
+    code = 0
+    try:
+        with reporter.redirect_output(run.logs / "engines.log"):
+            execute(run)
+        run.results["status"] = "succeeded"
+    except StageError as err:
+        run.results.update(status="failed", error=str(err))
+        code = 1
+    except KeyboardInterrupt:
+        run.results.update(status="interrupted", error="interrupted by the user")
+        code = 130
+    except Exception as err:  # noqa: BLE001 - outside any stage: still recorded
+        run.results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        code = 1
+    finally:
+        run.results["finished_at"] = results.utc_now()
+        run.results["total_seconds"] = round(time.perf_counter() - start, 3)
+        path = results.write(Path(cfg.results_dir), run.results)
+    reporter.summary(run.results, path)
+    if run.results["error"]:
+        print(f"error: {run.results['error']}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Batches for one rank: exact row arithmetic for training and evaluation, dtypes and shapes.
+
+``write_processed`` builds a small training-ready dataset (the layout's files,
+written directly) for these tests and the end-to-end test.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.config import NUM_DENSE, NUM_SPARSE
+from dlrm import data
+from preprocess.layout import MANIFEST, ProcessedData, cat_name, id_dtype
+
+# Column 0 is the learnable one; 300 needs uint16 ids, the others fit uint8.
+VOCAB = [50, 300] + [7 + c for c in range(NUM_SPARSE - 2)]
+
+
+def write_processed(root: Path, rows: dict[str, int], seed: int = 0, tag_rows: bool = False) -> Path:
+    """A learnable dataset: the click probability depends on the parity of the column-0 id.
+
+    ``tag_rows``: dense column 0 holds the row's index, so tests can see which rows they got
+    (not for training: a feature that large swamps the others).
+    """
+    rng = np.random.default_rng(seed)
+    for split, n in rows.items():
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        cats = [rng.integers(0, size, n).astype(id_dtype(size)) for size in VOCAB]
+        dense = np.log1p(rng.exponential(3.0, (n, NUM_DENSE))).astype(np.float32)
+        if tag_rows:
+            dense[:, 0] = np.arange(n)
+        p_click = np.where(cats[0] % 2 == 0, 0.85, 0.15)
+        np.save(folder / "label.npy", (rng.random(n) < p_click).astype(np.uint8))
+        np.save(folder / "dense.npy", dense)
+        for c in range(NUM_SPARSE):
+            np.save(folder / f"{cat_name(c)}.npy", cats[c])
+    (root / MANIFEST).write_text(json.dumps({"vocab_sizes": VOCAB, "rows": rows}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory) -> Path:
+    return write_processed(tmp_path_factory.mktemp("processed"), {"train": 1000, "test": 103, "val": 50},
+                           tag_rows=True)
+
+
+def row_ids(batch: data.Batch) -> list[int]:
+    return batch.dense[:, 0].long().tolist()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_every_test_row_is_read_exactly_once_across_ranks(processed, world_size):
+    split = ProcessedData(processed, "test")
+    seen = []
+    for rank in range(world_size):
+        shard = [r for b in data.eval_batches(split, 10, rank, world_size) for r in row_ids(b)]
+        assert shard == list(range(shard[0], shard[0] + len(shard)))  # contiguous, in order
+        seen += shard
+    assert seen == list(range(103))
+
+
+def test_shards_differ_by_at_most_one_row():
+    sizes = [stop - start for start, stop in (data.shard_range(103, r, 4) for r in range(4))]
+    assert sizes == [26, 26, 26, 25]
+    assert data.shard_range(2, 3, 4) == (2, 2)  # more ranks than rows: empty shards, no overlap
+
+
+def test_training_rows_of_rank_r_at_step_i(processed):
+    split = ProcessedData(processed, "train")
+    global_batch, world_size = 96, 3  # 1000 rows -> 10 full global batches, 40 rows dropped
+    per_rank = [list(data.train_batches(split, global_batch, rank, world_size, epochs=2)) for rank in range(3)]
+    assert all(len(batches) == 2 * 10 for batches in per_rank)
+    for rank, batches in enumerate(per_rank):
+        for index, batch in enumerate(batches):
+            step = index % 10
+            start = step * global_batch + rank * 32
+            assert row_ids(batch) == list(range(start, start + 32))
+    # Each epoch covers the first 960 rows exactly once across ranks.
+    epoch = sorted(r for batches in per_rank for batch in batches[:10] for r in row_ids(batch))
+    assert epoch == list(range(960))
+
+
+def test_global_batch_must_split_evenly():
+    with pytest.raises(ValueError, match="does not split evenly"):
+        data.local_batch_size(100, 3)
+
+
+def test_batch_tensors_match_the_files(processed):
+    split = ProcessedData(processed, "val")
+    batch = data.read_batch(split, (5, 17))
+    assert batch.dense.dtype == torch.float32 and batch.dense.shape == (12, NUM_DENSE)
+    assert batch.ids.dtype == torch.int64 and batch.ids.shape == (12, NUM_SPARSE)
+    assert batch.labels.dtype == torch.float32 and batch.labels.shape == (12,)
+    np.testing.assert_array_equal(batch.dense.numpy(), np.load(processed / "val" / "dense.npy")[5:17])
+    np.testing.assert_array_equal(batch.labels.numpy(), np.load(processed / "val" / "label.npy")[5:17])
+    for c in (0, 1, 25):
+        np.testing.assert_array_equal(batch.ids[:, c].numpy(), np.load(processed / "val" / f"{cat_name(c)}.npy")[5:17])
+        assert batch.ids[:, c].is_contiguous()  # what each embedding table reads
+
+
+def test_batches_do_not_share_memory(processed):
+    split = ProcessedData(processed, "val")
+    first, second = list(data.eval_batches(split, 25, 0, 1))
+    assert not torch.equal(first.ids, second.ids)
+    assert row_ids(first) == list(range(25))  # still intact after the second batch was read
