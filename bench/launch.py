@@ -35,7 +35,7 @@ def mpiexec() -> str:
 def mpi_version() -> str:
     out = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=30).stdout
     lines = [line.strip() for line in out.splitlines() if "Version" in line]
-    return lines[0].split(":", 1)[-1].strip() if lines else "unknown"
+    return "MPICH " + lines[0].split(":", 1)[-1].strip() if lines else "unknown"
 
 
 def free_port() -> int:

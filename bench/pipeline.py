@@ -21,7 +21,7 @@ from bench import cluster, launch, results
 from bench.config import Config, ConfigError, resolve
 from bench.fsutil import atomic_write_json, read_json
 from bench.progress import Reporter
-from preprocess import layout
+from preprocess import criteo, layout, spark_job, synthetic
 
 STAGES = ("data", "preprocess", "train", "evaluate", "inference")
 
@@ -86,64 +86,59 @@ class Run:
             record.setdefault("seconds", round(time.perf_counter() - start, 3))
 
 
-def data_stage(run: Run) -> Path:
+def data_stage(run: Run) -> tuple[Path, dict]:
+    """Make or find the raw day files; return their folder and dataset manifest."""
     cfg = run.cfg.data
     with run.stage("data") as rec:
-        if cfg.source != "synthetic":
-            raw = Path(cfg.dir) / cfg.source
-            if not raw.is_dir() or not any(raw.iterdir()):
-                raise RuntimeError(f"no {cfg.source} data in {raw}; put the day files there or use DATA=synthetic")
-            manifest = read_json(raw / layout.DATASET_MANIFEST)
+        if cfg.source == "criteo":
+            raw, manifest = criteo.local_dataset(cfg)
             rec["reused"] = True
+        elif cfg.source == "kaggle":
+            raise RuntimeError("DATA=kaggle is not supported yet; use DATA=synthetic or DATA=criteo")
         else:
-            from preprocess import synthetic
-
             raw = Path(cfg.dir) / "raw" / f"synthetic-{_key(cfg.model_dump(mode='json', exclude={'dir'}))}"
-            if (raw / layout.DATASET_MANIFEST).is_file():
+            rec["reused"] = (raw / layout.DATASET_MANIFEST).is_file()
+            if rec["reused"]:
                 manifest = read_json(raw / layout.DATASET_MANIFEST)
-                rec["reused"] = True
             else:
                 total = (cfg.days + 1) * cfg.rows_per_day
                 start = time.perf_counter()
                 with run.reporter.task("generate rows", total=total) as task:
                     manifest = synthetic.generate(cfg, raw, workers=cluster.cpus(run.cfg), progress=task.advance)
-                rec["reused"] = False
                 rec["rows_per_s"] = round(total / (time.perf_counter() - start), 1)
         run.results["dataset"] = {
-            "source": manifest.get("source", cfg.source),
+            "source": cfg.source,
             "path": str(raw),
-            "train_days": manifest.get("train_days"),
-            "eval_day": manifest.get("eval_day"),
-            "rows_per_day": manifest.get("rows_per_day"),
+            "train_days": manifest["train_days"],
+            "eval_day": manifest["eval_day"],
             "oracle_auc": manifest.get("oracle_auc"),
         }
-    return raw
+    return raw, manifest
 
 
-def preprocess_stage(run: Run, raw: Path) -> Path:
-    from preprocess import spark_job
-
+def preprocess_stage(run: Run, raw: Path, dataset: dict) -> Path:
     cfg = run.cfg
-    dataset = read_json(raw / layout.DATASET_MANIFEST)
     train_files = [layout.day_file(raw, d) for d in dataset["train_days"]]
     eval_files = [layout.day_file(raw, dataset["eval_day"])]
-    key = _key({"dataset": dataset, "preprocess": cfg.preprocess.freq_threshold, "format": layout.FORMAT_VERSION})
-    out = Path(cfg.data.dir) / "processed" / key
     with run.stage("preprocess") as rec:
+        missing = [str(f) for f in train_files + eval_files if not f.is_file()]
+        if missing:
+            raise RuntimeError(f"missing day files: {', '.join(missing)}")
+        # Reuse only output made from these very files with the same settings.
+        inputs = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in train_files + eval_files]
+        key = _key({"inputs": inputs, "freq_threshold": cfg.preprocess.freq_threshold, "format": layout.FORMAT_VERSION})
+        out = Path(cfg.data.dir) / "processed" / key
         if (out / layout.MANIFEST).is_file():
             manifest = read_json(out / layout.MANIFEST)
             rec.update(reused=True, **manifest["timing"])
         else:
-            missing = [str(f) for f in train_files + eval_files if not f.is_file()]
-            if missing:
-                raise RuntimeError(f"missing day files: {', '.join(missing)}")
             start = time.perf_counter()
             with run.reporter.task("spark job", total=None) as task:
                 with cluster.spark_session(cfg.preprocess, run.dir / "spark-scratch") as spark:
                     startup = time.perf_counter() - start
                     job_start = time.perf_counter()
                     manifest = spark_job.run(spark, cfg.preprocess, train_files, eval_files, out, progress=task.note)
-            job_seconds = time.perf_counter() - job_start
+                    job_seconds = time.perf_counter() - job_start
             timing = {
                 "spark_startup_seconds": round(startup, 3),
                 "job_seconds": round(job_seconds, 3),
@@ -212,14 +207,14 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement) -> None:
 
 def execute(run: Run) -> None:
     cfg = run.cfg
-    raw = data_stage(run)
+    raw, dataset = data_stage(run)
     java = cluster.engine_environment(dict(os.environ))
     os.environ.update(java)  # Ray- and Spark-started JVMs inherit it
     run.results["software"]["java"] = f"{cluster.java_version(java['JAVA_HOME'] + '/bin/java')} ({java['BENCH_JAVA_ORIGIN']})"
     run.results["software"]["mpi"] = launch.mpi_version()
     with cluster.ray_cluster(cfg, run.logs) as ray_info:
         run.results["cluster"]["ray"] = ray_info
-        processed = preprocess_stage(run, raw)
+        processed = preprocess_stage(run, raw, dataset)
         with cluster.placement(cfg, cfg.train.ranks_per_node) as place:
             run.results["cluster"]["placement"] = place.nodes
             train_stage(run, processed, place)

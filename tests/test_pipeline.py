@@ -1,0 +1,134 @@
+"""The real pipeline, every engine started: Ray, RayDP (Spark executors as Ray actors), mpiexec, gloo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from bench.config import resolve
+
+REPO = Path(__file__).resolve().parent.parent
+ENGINE_PROCESSES = ("raylet", "gcs_server", "mpiexec", "hydra_pmi_proxy", "RayDPSparkMaster", "dlrm.train", "dlrm.inference")
+
+
+def run_pipeline(tmp: Path, *overrides: str, profile: str = "tiny") -> tuple[subprocess.CompletedProcess, dict | None]:
+    args = [sys.executable, "-m", "bench.pipeline", "--profile", profile,
+            "--set", f"data.dir={tmp / 'data'}", "--set", f"results_dir={tmp / 'results'}"]
+    for o in overrides:
+        args += ["--set", o]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+    latest = tmp / "results" / "latest.json"
+    return proc, json.loads(latest.read_text()) if latest.exists() else None
+
+
+def engine_processes() -> list[str]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(name in cmd for name in ENGINE_PROCESSES) and "pytest" not in cmd:
+            found.append(cmd[:120])
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    assert not engine_processes(), "engines from an earlier run are still up"
+    tmp = tmp_path_factory.mktemp("tiny")
+    proc, results = run_pipeline(tmp)
+    return tmp, proc, results
+
+
+@pytest.mark.integration
+def test_tiny_pipeline_succeeds_with_every_stage(tiny_run):
+    tmp, proc, r = tiny_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert r["status"] == "succeeded" and r["error"] is None
+    assert set(r["stages"]) == {"data", "preprocess", "train", "evaluate", "inference"}
+    assert all(s["seconds"] >= 0 for s in r["stages"].values())
+    assert r["total_seconds"] >= sum(s["seconds"] for s in r["stages"].values()) * 0.9
+    assert (tmp / "results" / f"{r['run_id']}.json").read_text() == (tmp / "results" / "latest.json").read_text()
+    assert "AUC" in proc.stdout and "results:" in proc.stdout
+
+
+@pytest.mark.integration
+def test_tiny_pipeline_counts_every_row(tiny_run):
+    _, _, r = tiny_run
+    cfg = resolve("tiny")
+    rows = cfg.data.rows_per_day
+    assert r["stages"]["preprocess"]["rows_read"] == {"train": cfg.data.days * rows, "eval": rows}
+    assert r["stages"]["preprocess"]["rows_rejected"] == 0
+    assert r["dataset"]["rows"] == {"train": cfg.data.days * rows, "test": rows // 2, "val": rows - rows // 2}
+    assert r["stages"]["evaluate"]["rows"] == rows // 2
+    assert r["stages"]["train"]["samples"] == (cfg.data.days * rows // cfg.train.batch_size) * cfg.train.batch_size
+
+
+@pytest.mark.integration
+def test_tiny_pipeline_learns_the_click_model(tiny_run):
+    _, _, r = tiny_run
+    ev = r["stages"]["evaluate"]
+    oracle = r["dataset"]["oracle_auc"]["test"]
+    assert 0.65 < oracle < 0.95
+    # tiny data: a looser bound than the small profile's 0.02
+    assert oracle - 0.08 < ev["auc"] <= oracle + 0.01
+    assert 0.0 < ev["logloss"] < 0.69 and 0.5 < ev["accuracy"] <= 1.0
+
+
+@pytest.mark.integration
+def test_tiny_pipeline_ran_on_the_real_engines(tiny_run):
+    _, _, r = tiny_run
+    assert r["cluster"]["ranks"] == 2 and r["cluster"]["nodes"] == 1
+    assert len(r["cluster"]["placement"]) == 1 and len(r["cluster"]["placement"][0]["node_id"]) == 56  # a Ray node id
+    assert r["software"]["backend"] == "gloo" and r["software"]["mpi"].startswith("MPICH")
+    assert r["software"]["ipex"]["used"] is False
+    assert r["config"]["preprocess"]["engine"] == "raydp"
+    assert r["stages"]["train"]["samples_per_s"] > 0 and r["stages"]["train"]["threads_per_rank"] == 1
+    inf = r["stages"]["inference"]
+    assert inf["samples_per_s"] > 0 and 0 < inf["latency_ms"]["p50"] <= inf["latency_ms"]["p99"]
+    assert r["machine"]["logical_cpus"] >= 1 and r["machine"]["memory_bytes"] > 0
+    assert r["git"]["sha"] is None or len(r["git"]["sha"]) == 40
+
+
+@pytest.mark.integration
+def test_nothing_is_left_running(tiny_run):
+    assert not engine_processes()
+
+
+@pytest.mark.integration
+def test_second_run_reuses_data_and_preprocessing(tiny_run):
+    tmp, _, first = tiny_run
+    proc, r = run_pipeline(tmp, "preprocess.engine=local", "train.ranks_per_node=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert r["stages"]["data"]["reused"] and r["stages"]["preprocess"]["reused"]
+    assert r["dataset"]["rows"] == first["dataset"]["rows"]
+    assert r["cluster"]["ranks"] == 1
+    assert not engine_processes()
+
+
+def test_missing_real_data_fails_with_results_written(tmp_path):
+    proc, r = run_pipeline(tmp_path, "data.source=criteo")
+    assert proc.returncode == 1
+    assert r["status"] == "failed" and r["error"].startswith("stage data failed: no Criteo day files in")
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "train" not in r["stages"]
+
+
+def test_wrong_column_count_is_rejected_and_reported(tmp_path):
+    raw = tmp_path / "data" / "criteo"
+    raw.mkdir(parents=True)
+    for day in (0, 23):
+        (raw / f"day_{day}").write_text("1\t2\t3\n0\t5\n")
+    proc, r = run_pipeline(tmp_path, "data.source=criteo", "data.days=1", "preprocess.engine=local")
+    assert proc.returncode == 1
+    assert "stage preprocess failed: no valid rows in the training days (2 read, all rejected" in r["error"]
+    assert "log: " in r["error"]
+
+
+def test_unknown_profile_is_a_one_line_error(tmp_path):
+    proc, r = run_pipeline(tmp_path, profile="huge")
+    assert proc.returncode == 2 and r is None
+    assert proc.stderr.strip() == "error: unknown profile 'huge'; choose one of small, tiny"
