@@ -98,6 +98,8 @@ def spark_session(cfg: PreprocessConfig, scratch: Path, app: str = "dlrm-preproc
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.maxRecordsPerBatch": "65536",
+        # Small input splits keep every core busy; splits of one file stay in line order.
+        "spark.sql.files.maxPartitionBytes": str(32 << 20),
         "spark.driver.memory": "1g",
     }
     if cfg.engine == "raydp":

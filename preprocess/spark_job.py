@@ -1,21 +1,24 @@
 """The Spark preprocessing job: Criteo TSV days -> the training-ready layout.
 
-Steps, all on the executors (nothing but small counts comes back to the driver):
-1. parse each line in the JVM: split on tabs, check the shape of every field,
-   keep valid rows and count the rejected ones (a sample is kept);
-2. count every (column, value) over the training days only and number the
-   values seen at least ``freq_threshold`` times 1, 2, ... by descending count
-   (id 0 is missing, rare or unseen);
-3. map values to ids with a vectorised lookup (``mapInArrow``) against the
-   vocabularies written as sorted arrays, and write Parquet;
-4. pack the Parquet parts into the memory-mappable arrays the loader reads.
+Spark reads the lines and moves them between executors; the per-row work runs
+in vectorised Python on the executors (``mapInArrow``), where Arrow's C++ CSV
+parser and NumPy do in one pass what a chain of per-column Spark expressions
+or joins does slowly:
+1. count every (column, value) over the training days only, per partition,
+   and sum the counts in Spark; values seen at least ``freq_threshold`` times
+   get ids 1, 2, ... by descending count (id 0 is missing, rare or unseen);
+2. parse each day again and map values to ids with a sorted-array lookup
+   against the vocabularies written in step 1; rows that fail a check are
+   not dropped but written with their text, so they are counted;
+3. pack the Parquet parts into the memory-mapped arrays the loader reads.
 
-Category values are parsed from hex to int64 in the JVM and ids are integers
+Category values are parsed from 8-digit hex into int64 and ids are integers
 throughout: nothing passes through a float.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 from collections.abc import Callable, Iterator
@@ -23,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -39,56 +43,129 @@ DENSE = [f"i{j}" for j in range(NUM_DENSE)]
 SPARSE = [f"c{j}" for j in range(NUM_SPARSE)]
 REJECT_SAMPLE = 20
 
-# The schema the parsed rows have; an explicit schema, not inferred.
-PARSED_SCHEMA = T.StructType(
-    [T.StructField("label", T.ByteType(), False)]
-    + [T.StructField(c, T.LongType(), True) for c in DENSE]
-    + [T.StructField(c, T.LongType(), True) for c in SPARSE]
+COUNT_SCHEMA = T.StructType(
+    [T.StructField("column", T.IntegerType(), False), T.StructField("value", T.LongType(), False),
+     T.StructField("count", T.LongType(), False)]
 )
+# A mapped row, or a rejected one: then ``line`` holds its text and the rest is zero.
 MAPPED_SCHEMA = T.StructType(
     [T.StructField("label", T.ByteType(), False)]
     + [T.StructField(c, T.FloatType(), False) for c in DENSE]
     + [T.StructField(c, T.IntegerType(), False) for c in SPARSE]
+    + [T.StructField("line", T.StringType(), True)]
 )
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _ch in enumerate(b"0123456789abcdef"):
+    _HEX[_ch] = _i
+for _i, _ch in enumerate(b"ABCDEF"):
+    _HEX[_ch] = 10 + _i
+_NIBBLE_WEIGHTS = 16 ** np.arange(7, -1, -1, dtype=np.int64)
 
 
 class PreprocessError(RuntimeError):
     """Input the job cannot use, reported to the user as one line."""
 
 
-def parse(spark: SparkSession, files: list[Path]) -> DataFrame:
-    """Lines -> typed rows plus a ``valid`` flag, entirely in the JVM."""
-    lines = spark.read.text([str(f) for f in files])
-    fields = F.split(F.col("value"), "\t", -1)
-    field = [fields.getItem(j) for j in range(NUM_FIELDS)]
-    valid = (F.size(fields) == NUM_FIELDS) & field[0].isin("0", "1")
-    for j in range(1, 1 + NUM_DENSE):
-        valid = valid & field[j].rlike(r"^(-?[0-9]{1,18})?$")
-    for j in range(1 + NUM_DENSE, NUM_FIELDS):
-        valid = valid & field[j].rlike(r"^([0-9a-fA-F]{1,8})?$")
+class Parsed:
+    """One batch of lines, parsed and checked: typed columns of the valid rows, text of the rejected."""
 
-    def nullable(text, value):
-        return F.when(text == "", F.lit(None)).otherwise(value)
-
-    columns = [field[0].cast("byte").alias("label")]
-    columns += [nullable(field[1 + j], field[1 + j].cast("long")).alias(c) for j, c in enumerate(DENSE)]
-    columns += [
-        nullable(field[1 + NUM_DENSE + j], F.conv(field[1 + NUM_DENSE + j], 16, 10).cast("long")).alias(c)
-        for j, c in enumerate(SPARSE)
-    ]
-    return lines.select(F.coalesce(valid, F.lit(False)).alias("valid"), F.col("value"), *columns)
+    def __init__(self, label: np.ndarray, dense: list[np.ndarray], sparse: list[np.ndarray], rejected: list[str]):
+        self.label, self.dense, self.sparse, self.rejected = label, dense, sparse, rejected
 
 
-def vocabularies(train: DataFrame, freq_threshold: int) -> DataFrame:
-    """(column, value, id) for values seen at least ``freq_threshold`` times in training."""
-    stacked = train.select(
-        F.explode(F.array(*[F.struct(F.lit(j).alias("column"), F.col(c).alias("value")) for j, c in enumerate(SPARSE)]))
-    ).select("col.column", "col.value")
-    counts = stacked.where(F.col("value").isNotNull()).groupBy("column", "value").count()
+def parse_lines(lines: pa.Array) -> Parsed:
+    """Criteo lines -> label, 13 int64 columns (missing -> 0), 26 int64 hex values (missing -> -1).
+
+    A line is rejected unless it has 40 fields, a 0/1 label, integers of up
+    to 18 digits (optionally negative) or empty, and categories of exactly 8
+    hex digits or empty.
+    """
+    rejected: list[str] = []
+
+    def on_bad_shape(row) -> str:
+        rejected.append(row.text)
+        return "skip"
+
+    table = pa_csv.read_csv(
+        pa.BufferReader(_joined(lines)),
+        read_options=pa_csv.ReadOptions(column_names=[f"f{j}" for j in range(NUM_FIELDS)], use_threads=False,
+                                        block_size=1 << 28),
+        parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
+                                          ignore_empty_lines=False, invalid_row_handler=on_bad_shape),
+        convert_options=pa_csv.ConvertOptions(column_types={f"f{j}": pa.string() for j in range(NUM_FIELDS)}),
+    )
+    n = table.num_rows
+    fields = [table.column(j).combine_chunks() for j in range(NUM_FIELDS)]
+    valid = pc.is_in(fields[0], pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
+    dense = []
+    for f in fields[1 : 1 + NUM_DENSE]:
+        ok = pc.match_substring_regex(f, r"^(-?[0-9]{1,18})?$").to_numpy(zero_copy_only=False)
+        valid &= ok
+        cleaned = pc.if_else(pa.array(ok & (pc.utf8_length(f).to_numpy(zero_copy_only=False) > 0)), f, "0")
+        dense.append(pc.cast(cleaned, pa.int64()).to_numpy())
+    sparse = []
+    for f in fields[1 + NUM_DENSE :]:
+        values, ok = _hex_values(f)
+        valid &= ok
+        sparse.append(values)
+    if not valid.all():
+        bad = np.flatnonzero(~valid)
+        rejected += ["\t".join(f[int(i)].as_py() for f in fields) for i in bad[:REJECT_SAMPLE]]
+        rejected += [""] * max(0, len(bad) - REJECT_SAMPLE)  # counted; only a sample keeps its text
+    label = fields[0].to_numpy(zero_copy_only=False)[valid].astype(np.int8) if n else np.empty(0, np.int8)
+    return Parsed(label, [d[valid] for d in dense], [s[valid] for s in sparse], rejected)
+
+
+def _joined(lines: pa.Array) -> pa.Buffer:
+    """The lines of a Spark text batch as one newline-separated buffer (no copy per line)."""
+    lines = pa.array(lines, type=pa.large_string()) if lines.type != pa.large_string() else lines
+    offsets = np.frombuffer(lines.buffers()[1], np.int64)[lines.offset : lines.offset + len(lines) + 1]
+    data = np.frombuffer(lines.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    return pa.py_buffer(np.insert(data, offsets[1:] - offsets[0], ord("\n")))
+
+
+def _hex_values(field: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """8-digit hex strings -> int64 (empty -> -1), and which rows were well formed."""
+    field = pa.array(field, type=pa.large_string())
+    n = len(field)
+    offsets = np.frombuffer(field.buffers()[1], np.int64)[field.offset : field.offset + n + 1]
+    data = np.frombuffer(field.buffers()[2], np.uint8) if field.buffers()[2] is not None else np.empty(0, np.uint8)
+    lengths = np.diff(offsets)
+    values = np.full(n, -1, dtype=np.int64)
+    ok = (lengths == 0) | (lengths == 8)
+    full = np.flatnonzero(lengths == 8)
+    if len(full):
+        nibbles = _HEX[data[offsets[full][:, None] + np.arange(8)]]
+        good = (nibbles != 255).all(axis=1)
+        ok[full[~good]] = False
+        values[full[good]] = nibbles[good].astype(np.int64) @ _NIBBLE_WEIGHTS
+    return values, ok
+
+
+def count_values(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Per-partition (column, value, count) of the valid rows: the partial sums of the vocabulary count."""
+    for batch in batches:
+        parsed = parse_lines(batch.column(0))
+        for j, values in enumerate(parsed.sparse):
+            uniq, counts = np.unique(values[values >= 0], return_counts=True)
+            yield pa.RecordBatch.from_pydict(
+                {"column": np.full(len(uniq), j, np.int32), "value": uniq, "count": counts.astype(np.int64)}
+            )
+
+
+def vocabularies(spark: SparkSession, files: list[Path], freq_threshold: int) -> DataFrame:
+    """(column, value, id) for values seen at least ``freq_threshold`` times in ``files``."""
+    partial = read_lines(spark, files).mapInArrow(count_values, COUNT_SCHEMA)
+    counts = partial.groupBy("column", "value").agg(F.sum("count").alias("count"))
     kept = counts.where(F.col("count") >= max(freq_threshold, 1))
     # Hot values get small ids, so the rows touched most sit together in the table.
     order = Window.partitionBy("column").orderBy(F.col("count").desc(), F.col("value").asc())
     return kept.withColumn("id", F.row_number().over(order))
+
+
+def read_lines(spark: SparkSession, files: list[Path]) -> DataFrame:
+    return spark.read.text([str(f) for f in files])
 
 
 def save_vocabularies(vocab: DataFrame, scratch: Path, out_dir: Path) -> list[int]:
@@ -111,8 +188,9 @@ def save_vocabularies(vocab: DataFrame, scratch: Path, out_dir: Path) -> list[in
     return sizes
 
 
+@functools.lru_cache(maxsize=2)
 def _lookup_tables(vocab_dir: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per column: values sorted ascending, and the id of each."""
+    """Per column: values sorted ascending, and the id of each. Cached per reused Python worker."""
     tables = []
     for j in range(NUM_SPARSE):
         by_id = np.load(f"{vocab_dir}/{cat_name(j)}.npy")
@@ -121,56 +199,90 @@ def _lookup_tables(vocab_dir: str) -> list[tuple[np.ndarray, np.ndarray]]:
     return tables
 
 
-def map_batches(vocab_dir: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The per-partition function: raw typed columns -> dense floats and category ids."""
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        tables = _lookup_tables(vocab_dir)
-        for batch in batches:
-            out = {"label": batch.column("label")}
-            for c in DENSE:
-                x = batch.column(c).to_numpy(zero_copy_only=False)
-                x = np.nan_to_num(x, nan=0.0)  # missing -> 0, as the reference does
-                out[c] = pa.array(np.log1p(np.maximum(x, 0.0)).astype(np.float32))
-            for j, c in enumerate(SPARSE):
-                out[c] = pa.array(_ids(batch.column(c), *tables[j]))
-            yield pa.RecordBatch.from_pydict(out)
-
-    return run
-
-
-def _ids(column: pa.Array, sorted_values: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    values = column.fill_null(-1).to_numpy()
+def _ids(values: np.ndarray, sorted_values: np.ndarray, ids: np.ndarray) -> np.ndarray:
     if len(sorted_values) == 0:
         return np.zeros(len(values), dtype=np.int32)
     pos = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
     return np.where(sorted_values[pos] == values, ids[pos], 0).astype(np.int32)
 
 
-def pack(parquet_dir: Path, out_dirs: dict[str, tuple[int, int]], vocab_sizes: list[int], root: Path) -> None:
-    """Stream Parquet parts (in part order) into ``root/<split>/*.npy``.
+def map_batches(vocab_dir: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The per-partition function: lines -> label, log-scaled dense features and category ids."""
 
-    ``out_dirs`` maps split name -> (first row, row count) within the parquet rows,
-    so one day can be cut into the test and validation halves.
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        tables = _lookup_tables(vocab_dir)
+        for batch in batches:
+            parsed = parse_lines(batch.column(0))
+            out: dict[str, object] = {"label": parsed.label}
+            for c, x in zip(DENSE, parsed.dense):
+                out[c] = np.log1p(np.maximum(x, 0)).astype(np.float32)
+            for j, c in enumerate(SPARSE):
+                out[c] = _ids(parsed.sparse[j], *tables[j])
+            out["line"] = pa.nulls(len(parsed.label), pa.string())
+            yield pa.RecordBatch.from_pydict(out, schema=_MAPPED_ARROW)
+            if parsed.rejected:
+                yield _rejected_batch(parsed.rejected)
+
+    return run
+
+
+_MAPPED_ARROW = pa.schema(
+    [("label", pa.int8())] + [(c, pa.float32()) for c in DENSE] + [(c, pa.int32()) for c in SPARSE]
+    + [("line", pa.string())]
+)
+
+
+def _rejected_batch(lines: list[str]) -> pa.RecordBatch:
+    n = len(lines)
+    cols = [pa.array(np.zeros(n, np.int8))] + [pa.array(np.zeros(n, np.float32))] * NUM_DENSE
+    cols += [pa.array(np.zeros(n, np.int32))] * NUM_SPARSE + [pa.array(lines, pa.string())]
+    return pa.RecordBatch.from_arrays(cols, schema=_MAPPED_ARROW)
+
+
+def write_mapped(spark: SparkSession, files: list[Path], vocab_dir: Path, out: Path) -> None:
+    read_lines(spark, files).mapInArrow(map_batches(str(vocab_dir)), MAPPED_SCHEMA).write.parquet(str(out))
+
+
+def parts(parquet_dir: Path) -> list[Path]:
+    """Parquet parts in partition order, which is input order within each file."""
+    return sorted(parquet_dir.glob("part-*.parquet"))
+
+
+def row_accounting(parquet_dir: Path) -> tuple[int, int, list[str]]:
+    """(rows written, rows rejected, sample of rejected lines), reading only the ``line`` column."""
+    written = rejected = 0
+    sample: list[str] = []
+    for part in parts(parquet_dir):
+        line = pq.read_table(part, columns=["line"]).column("line")
+        bad = line.filter(pc.is_valid(line))
+        written += len(line) - len(bad)
+        rejected += len(bad)
+        sample += [t for t in bad.to_pylist()[:REJECT_SAMPLE] if t][: REJECT_SAMPLE - len(sample)]
+    return written, rejected, sample
+
+
+def pack(parquet_dir: Path, splits: dict[str, tuple[int, int]], vocab_sizes: list[int], root: Path) -> None:
+    """Stream the written rows of the Parquet parts into ``root/<split>/*.npy``.
+
+    ``splits`` maps split name -> (first row, row count) among the written
+    rows, so one day can be cut into the test and validation halves.
     """
-    parts = sorted(parquet_dir.glob("part-*.parquet"))
-    total = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
-    arrays = {}
-    for split, (start, count) in out_dirs.items():
+    outputs = []
+    for split, (start, count) in splits.items():
         folder = root / split
         folder.mkdir(parents=True, exist_ok=True)
-        arrays[split] = (start, count, _open_split(folder, count, vocab_sizes))
+        outputs.append((start, count, _open_split(folder, count, vocab_sizes)))
     offset = 0
-    for part in parts:
-        for batch in pq.ParquetFile(part).iter_batches(batch_size=65536):
+    for part in parts(parquet_dir):
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=1 << 17):
+            batch = batch.filter(pc.is_null(batch.column("line")))
             n = batch.num_rows
-            for start, count, out in arrays.values():
+            for start, count, out in outputs:
                 lo, hi = max(offset, start), min(offset + n, start + count)
                 if lo < hi:
                     _write_rows(out, batch.slice(lo - offset, hi - lo), lo - start)
             offset += n
-    assert offset == total
-    for _, _, out in arrays.values():
+    for _, _, out in outputs:
         for array in out.values():
             array.flush()
 
@@ -179,7 +291,8 @@ def _open_split(folder: Path, rows: int, vocab_sizes: list[int]) -> dict[str, np
     def create(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
         return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
-    out = {"label": create("label", np.dtype(np.uint8), (rows,)), "dense": create("dense", np.dtype(np.float32), (rows, NUM_DENSE))}
+    out = {"label": create("label", np.dtype(np.uint8), (rows,)),
+           "dense": create("dense", np.dtype(np.float32), (rows, NUM_DENSE))}
     for j in range(NUM_SPARSE):
         out[cat_name(j)] = create(cat_name(j), id_dtype(vocab_sizes[j]), (rows,))
     return out
@@ -191,12 +304,6 @@ def _write_rows(out: dict[str, np.memmap], batch: pa.RecordBatch, at: int) -> No
     out["dense"][at : at + n] = np.column_stack([batch.column(c).to_numpy() for c in DENSE])
     for j, c in enumerate(SPARSE):
         out[cat_name(j)][at : at + n] = batch.column(c).to_numpy()
-
-
-def _count(parsed: DataFrame) -> tuple[int, int, list[str]]:
-    counts = {row["valid"]: row["count"] for row in parsed.groupBy("valid").count().collect()}
-    sample = [row["value"][:500] for row in parsed.where(~F.col("valid")).select("value").limit(REJECT_SAMPLE).collect()]
-    return counts.get(True, 0) + counts.get(False, 0), counts.get(False, 0), sample
 
 
 def run(
@@ -212,35 +319,23 @@ def run(
     shutil.rmtree(tmp, ignore_errors=True)
     scratch = tmp / "_scratch"
 
-    progress("parse and check training days")
-    train = parse(spark, train_files).persist(StorageLevel.MEMORY_AND_DISK)
-    train_read, train_rejected, train_sample = _count(train)
-    if train_read == train_rejected:
-        raise PreprocessError(
-            f"no valid rows in the training days ({train_read} read, all rejected; first: {train_sample[:1]}); "
-            "check that the files are Criteo TSV with 40 tab-separated fields"
-        )
-    train_ok = train.where("valid")
-
-    progress("build vocabularies from training days")
-    vocab_sizes = save_vocabularies(vocabularies(train_ok, cfg.freq_threshold), scratch, tmp / "vocab")
-    mapper = map_batches(str(tmp / "vocab"))
+    progress("count values in training days")
+    vocab_sizes = save_vocabularies(vocabularies(spark, train_files, cfg.freq_threshold), scratch, tmp / "vocab")
 
     progress("map and write training days")
-    train_ok.select(*PARSED_SCHEMA.names).mapInArrow(mapper, MAPPED_SCHEMA).write.parquet(str(scratch / "train"))
-    train.unpersist()
+    write_mapped(spark, train_files, tmp / "vocab", scratch / "train")
+    train_rows, train_rejected, train_sample = row_accounting(scratch / "train")
+    if train_rows == 0:
+        raise PreprocessError(
+            f"no valid rows in the training days ({train_rejected} read, all rejected; first: {train_sample[:1]}); "
+            "check that the files are Criteo TSV with 40 tab-separated fields"
+        )
 
-    progress("parse, map and write evaluation day")
-    evaluation = parse(spark, eval_files).persist(StorageLevel.MEMORY_AND_DISK)
-    eval_read, eval_rejected, eval_sample = _count(evaluation)
-    evaluation.where("valid").select(*PARSED_SCHEMA.names).mapInArrow(mapper, MAPPED_SCHEMA).write.parquet(
-        str(scratch / "eval")
-    )
-    evaluation.unpersist()
+    progress("map and write evaluation day")
+    write_mapped(spark, eval_files, tmp / "vocab", scratch / "eval")
+    eval_rows, eval_rejected, eval_sample = row_accounting(scratch / "eval")
 
     progress("pack into memory-mapped arrays")
-    train_rows = train_read - train_rejected
-    eval_rows = eval_read - eval_rejected
     test_rows = eval_rows // 2
     pack(scratch / "train", {"train": (0, train_rows)}, vocab_sizes, tmp)
     pack(scratch / "eval", {"test": (0, test_rows), "val": (test_rows, eval_rows - test_rows)}, vocab_sizes, tmp)
@@ -249,9 +344,9 @@ def run(
     manifest = {
         "format_version": FORMAT_VERSION,
         "rows": {"train": train_rows, "test": test_rows, "val": eval_rows - test_rows},
-        "rows_read": {"train": train_read, "eval": eval_read},
+        "rows_read": {"train": train_rows + train_rejected, "eval": eval_rows + eval_rejected},
         "rows_rejected": {"train": train_rejected, "eval": eval_rejected},
-        "rejected_sample": train_sample + eval_sample,
+        "rejected_sample": (train_sample + eval_sample)[:REJECT_SAMPLE],
         "vocab_sizes": vocab_sizes,
         "id_dtypes": [str(id_dtype(v)) for v in vocab_sizes],
         "dense_transform": "log(1 + max(x, 0)), missing -> 0, applied in preprocessing",
