@@ -77,7 +77,7 @@ def run(
     }
     cmd = command(placement, ranks_per_node, module, args, env)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as log:
+    with open(log_file, "w", buffering=1) as log:  # line-buffered: the log is live
         log.write(" ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(

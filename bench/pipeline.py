@@ -133,12 +133,13 @@ def preprocess_stage(run: Run, raw: Path, dataset: dict) -> Path:
             rec.update(reused=True, **manifest["timing"])
         else:
             start = time.perf_counter()
-            with run.reporter.task("spark job", total=None) as task:
+            with run.reporter.task("spark job steps", total=spark_job.STEPS) as task:
                 with cluster.spark_session(cfg.preprocess, run.dir / "spark-scratch") as spark:
                     startup = time.perf_counter() - start
                     job_start = time.perf_counter()
                     manifest = spark_job.run(spark, cfg.preprocess, train_files, eval_files, out, progress=task.note)
                     job_seconds = time.perf_counter() - job_start
+                    task.update(spark_job.STEPS, total=spark_job.STEPS, info="done")
             timing = {
                 "spark_startup_seconds": round(startup, 3),
                 "job_seconds": round(job_seconds, 3),

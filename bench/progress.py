@@ -22,6 +22,7 @@ class Task:
 
     def __init__(self, progress: Progress, task_id: int):
         self._progress, self._id = progress, task_id
+        self._notes = 0
 
     def advance(self, n: int) -> None:
         self._progress.advance(self._id, n)
@@ -30,7 +31,9 @@ class Task:
         self._progress.update(self._id, completed=completed, total=total, info=info)
 
     def note(self, text: str) -> None:
-        self._progress.update(self._id, info=text)
+        """A new step begins: the steps before it are done."""
+        self._progress.update(self._id, completed=self._notes, info=text)
+        self._notes += 1
 
 
 class Reporter:

@@ -42,6 +42,7 @@ NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
 DENSE = [f"i{j}" for j in range(NUM_DENSE)]
 SPARSE = [f"c{j}" for j in range(NUM_SPARSE)]
 REJECT_SAMPLE = 20
+STEPS = 4  # progress() calls in run()
 
 COUNT_SCHEMA = T.StructType(
     [T.StructField("column", T.IntegerType(), False), T.StructField("value", T.LongType(), False),
