@@ -21,7 +21,7 @@ from bench import cluster, launch, results
 from bench.config import Config, ConfigError, resolve
 from bench.fsutil import atomic_write_json, read_json
 from bench.progress import Reporter
-from preprocess import criteo, layout, spark_job, synthetic
+from preprocess import criteo, kaggle, layout, spark_job, synthetic
 
 STAGES = ("data", "preprocess", "train", "evaluate", "inference")
 
@@ -91,10 +91,10 @@ def data_stage(run: Run) -> tuple[Path, dict]:
     cfg = run.cfg.data
     with run.stage("data") as rec:
         if cfg.source == "criteo":
-            raw, manifest = criteo.local_dataset(cfg)
-            rec["reused"] = True
+            with run.reporter.task("download bytes", total=None) as task:
+                raw, manifest = criteo.dataset(cfg, progress=task.advance)
         elif cfg.source == "kaggle":
-            raise RuntimeError("DATA=kaggle is not supported yet; use DATA=synthetic or DATA=criteo")
+            raw, manifest = kaggle.split_days(cfg)
         else:
             raw = Path(cfg.dir) / "raw" / f"synthetic-{_key(cfg.model_dump(mode='json', exclude={'dir'}))}"
             rec["reused"] = (raw / layout.DATASET_MANIFEST).is_file()

@@ -25,7 +25,7 @@ from http.client import HTTPException, HTTPResponse
 from pathlib import Path
 
 from bench.fsutil import atomic_write_text
-from preprocess.criteo import DataError
+from preprocess.errors import DataError
 from preprocess.layout import day_file
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/criteo-cail-datasets"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.config import DataConfig
 from bench.fsutil import atomic_write_json, read_json
-from preprocess.criteo import DataError
+from preprocess.errors import DataError
 from preprocess.download import check_free_space
 from preprocess.layout import DATASET_MANIFEST, day_file
 

@@ -36,6 +36,7 @@ from pyspark.sql.window import Window
 
 from bench.config import NUM_DENSE, NUM_SPARSE, PreprocessConfig
 from bench.fsutil import atomic_write_json
+from preprocess.errors import PreprocessError
 from preprocess.layout import FORMAT_VERSION, MANIFEST, cat_name, id_dtype
 
 NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
@@ -62,10 +63,6 @@ for _i, _ch in enumerate(b"0123456789abcdef"):
 for _i, _ch in enumerate(b"ABCDEF"):
     _HEX[_ch] = 10 + _i
 _NIBBLE_WEIGHTS = 16 ** np.arange(7, -1, -1, dtype=np.int64)
-
-
-class PreprocessError(RuntimeError):
-    """Input the job cannot use, reported to the user as one line."""
 
 
 class Parsed:

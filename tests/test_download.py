@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from preprocess import download
-from preprocess.criteo import DataError
+from preprocess.errors import DataError
 from tests.conftest import criteo_line
 
 CHUNK = 1024

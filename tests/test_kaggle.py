@@ -9,7 +9,7 @@ import pytest
 
 from bench.config import DataConfig, resolve
 from preprocess import kaggle
-from preprocess.criteo import DataError
+from preprocess.errors import DataError
 from preprocess.layout import DATASET_MANIFEST, day_file
 from tests.conftest import criteo_line
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench import schema
 from bench.config import resolve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +49,7 @@ def test_tiny_pipeline_succeeds_with_every_stage(tiny_run):
     tmp, proc, r = tiny_run
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert r["status"] == "succeeded" and r["error"] is None
+    schema.validate(r)
     assert set(r["stages"]) == {"data", "preprocess", "train", "evaluate", "inference"}
     assert all(s["seconds"] >= 0 for s in r["stages"].values())
     assert r["total_seconds"] >= sum(s["seconds"] for s in r["stages"].values()) * 0.9
@@ -109,16 +111,33 @@ def test_second_run_reuses_data_and_preprocessing(tiny_run):
     assert not engine_processes()
 
 
-def test_missing_real_data_fails_with_results_written(tmp_path):
-    proc, r = run_pipeline(tmp_path, "data.source=criteo")
+@pytest.mark.integration
+def test_kaggle_format_file_runs_through(tiny_run, tmp_path):
+    tmp, _, first = tiny_run
+    lines = b"".join(p.read_bytes() for p in sorted(Path(first["dataset"]["path"]).glob("day_*")))[: 7 * 3000 * 400]
+    lines = b"".join(lines.splitlines(keepends=True)[: 7 * 3000])
+    (tmp_path / "data" / "kaggle").mkdir(parents=True)
+    (tmp_path / "data" / "kaggle" / "train.txt").write_bytes(lines)
+    proc, r = run_pipeline(tmp_path, "data.source=kaggle", "data.days=6", "preprocess.engine=local",
+                           "train.ranks_per_node=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert r["dataset"]["train_days"] == [0, 1, 2, 3, 4, 5] and r["dataset"]["eval_day"] == 6
+    assert r["stages"]["preprocess"]["rows_read"] == {"train": 18000, "eval": 3000}
+    assert r["dataset"]["rows"] == {"train": 18000, "test": 1500, "val": 1500}
+    assert r["stages"]["evaluate"]["auc"] > 0.6
+
+
+def test_missing_kaggle_file_fails_with_results_written(tmp_path):
+    proc, r = run_pipeline(tmp_path, "data.source=kaggle")
     assert proc.returncode == 1
-    assert r["status"] == "failed" and r["error"].startswith("stage data failed: no Criteo day files in")
+    assert r["status"] == "failed" and r["error"].startswith("stage data failed: no Kaggle data: put")
+    schema.validate(r)
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "train" not in r["stages"]
 
 
 def test_wrong_column_count_is_rejected_and_reported(tmp_path):
-    raw = tmp_path / "data" / "criteo"
+    raw = tmp_path / "data" / "criteo"  # days on disk are used as they are: no download
     raw.mkdir(parents=True)
     for day in (0, 23):
         (raw / f"day_{day}").write_text("1\t2\t3\n0\t5\n")
