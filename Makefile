@@ -43,4 +43,4 @@ test: setup
 	$(PY) -m pytest tests
 
 clean:
-	rm -rf results/runs results/*.json spark-warehouse
+	rm -rf results/runs results/latest.json results/*-*T*Z.json spark-warehouse

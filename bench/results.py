@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 
+from bench import schema
 from bench.fsutil import atomic_write_json
 
 SCHEMA_VERSION = 1
@@ -76,7 +77,16 @@ def results_path(results_dir: Path, rid: str) -> Path:
 
 
 def write(results_dir: Path, results: dict) -> Path:
-    """Write ``<run id>.json`` and ``latest.json``, each atomically."""
+    """Validate, then write ``<run id>.json`` and ``latest.json``, each atomically.
+
+    A results file that breaks the schema is still written (a failed run must
+    leave its record), but marked failed with the schema problem as its error.
+    """
+    try:
+        schema.validate(results)
+    except schema.ResultsInvalid as err:
+        results["status"] = "failed"
+        results["error"] = f"{results.get('error') or 'results'}; results file invalid: {err}"
     path = results_path(results_dir, results["run_id"])
     atomic_write_json(path, results)
     atomic_write_json(Path(results_dir) / "latest.json", results)

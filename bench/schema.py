@@ -1,0 +1,115 @@
+"""The results file's contract: its JSON Schema (``results/schema.json``) and the table of its metrics.
+
+``validate`` checks one results dict against the schema. ``METRICS`` says, for every figure a
+regression check compares, its unit, which direction is better and how far it may move by default;
+the schema carries the same unit and direction as ``x-unit``/``x-better`` annotations.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from jsonschema import Draft202012Validator, ValidationError, validators
+from jsonschema.exceptions import best_match
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "results" / "schema.json"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How to read and compare one figure of a results file."""
+
+    unit: str
+    better: Literal["higher", "lower"]
+    # absolute: compare candidate - baseline (figures on a fixed scale, e.g. AUC);
+    # relative: compare (candidate - baseline) / baseline (speeds and times, which scale with the machine).
+    kind: Literal["absolute", "relative"]
+    threshold: float  # the largest change in the worse direction that still passes
+
+
+def _stage_seconds(threshold: float) -> Metric:
+    return Metric("s", "lower", "relative", threshold)
+
+
+# Dotted path in the results file -> Metric. Defaults are for runs on the same machine and profile:
+# throughput gates are tight, wall times (which include engine start-up) are looser.
+METRICS: dict[str, Metric] = {
+    "stages.data.rows_per_s": Metric("rows/s", "higher", "relative", 0.15),
+    "stages.preprocess.rows_per_s": Metric("rows/s", "higher", "relative", 0.15),
+    "stages.train.samples_per_s": Metric("samples/s", "higher", "relative", 0.10),
+    "stages.evaluate.auc": Metric("1", "higher", "absolute", 0.002),
+    "stages.evaluate.logloss": Metric("1", "lower", "absolute", 0.002),
+    "stages.inference.samples_per_s": Metric("samples/s", "higher", "relative", 0.10),
+    "stages.inference.latency_ms.p50": Metric("ms", "lower", "relative", 0.20),
+    "stages.inference.latency_ms.p99": Metric("ms", "lower", "relative", 0.20),
+    "stages.data.seconds": _stage_seconds(0.25),
+    "stages.preprocess.seconds": _stage_seconds(0.25),
+    "stages.train.seconds": _stage_seconds(0.25),
+    # Evaluation takes well under a second on the small profiles, where scheduling jitter dominates.
+    "stages.evaluate.seconds": _stage_seconds(0.50),
+    "stages.inference.seconds": _stage_seconds(0.25),
+    "total_seconds": Metric("s", "lower", "relative", 0.20),
+}
+
+
+class ResultsInvalid(ValueError):
+    """A results dict that does not match the schema; the message is one line naming the JSON path."""
+
+
+def _is_finite_number(checker: object, instance: object) -> bool:
+    # Only floats can be NaN or infinite; math.isfinite would overflow on a huge int.
+    is_number = Draft202012Validator.TYPE_CHECKER.is_type(instance, "number")
+    return is_number and (not isinstance(instance, float) or math.isfinite(instance))
+
+
+# Python's json writes NaN and Infinity, which are not JSON numbers; a NaN metric would also pass every
+# minimum/maximum check and every comparison, so the schema's "number" excludes them.
+_Validator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("number", _is_finite_number),
+)
+
+
+@functools.cache
+def schema() -> dict:
+    """The results JSON Schema, read once from ``results/schema.json``."""
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@functools.cache
+def _validator() -> Draft202012Validator:
+    return _Validator(schema())
+
+
+def _dotted(path: Iterable[str | int]) -> str:
+    """``["stages", "evaluate", "auc"]`` -> ``stages.evaluate.auc``; list indices as ``[i]``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def _describe(error: ValidationError) -> str:
+    path = list(error.absolute_path)
+    if error.validator == "required":
+        # jsonschema reports each missing key separately, all with the same list: name the first missing one.
+        path.append(next(key for key in error.validator_value if key not in error.instance))
+        # The schema's only conditional "required" lists are in the succeeded-run branch.
+        why = " for a succeeded run" if "then" in error.schema_path else ""
+        return f"{_dotted(path)}: required{why} but missing"
+    if error.validator == "type" and isinstance(error.instance, float) and not math.isfinite(error.instance):
+        return f"{_dotted(path)}: {error.instance} is not a finite number"
+    return f"{_dotted(path) or '(top level)'}: {error.message}"
+
+
+def validate(results: dict) -> None:
+    """Raise ResultsInvalid, one line naming the path and problem, unless ``results`` matches the schema."""
+    error = best_match(_validator().iter_errors(results))
+    if error is not None:
+        raise ResultsInvalid(_describe(error))
