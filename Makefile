@@ -16,12 +16,13 @@ OVERRIDES := $(if $(DAYS),--set data.days=$(DAYS)) \
              $(if $(RESULTS_DIR),--set results_dir=$(RESULTS_DIR)) \
              $(foreach s,$(SET),--set $(s))
 
-.PHONY: setup small tiny test clean help
+.PHONY: setup small tiny test compare clean help
 
 help:
 	@echo "make small   run the whole pipeline on one machine (synthetic Criteo-format data)"
 	@echo "make tiny    the same at the smallest scale (a minute or two)"
 	@echo "make test    run the test suite"
+	@echo "make compare BASELINE=<results.json> [CANDIDATE=<results.json>]   regression check (exit 1 on a regression)"
 	@echo "variables:   DAYS ROWS_PER_DAY DATA DATA_DIR SPARK NODES RESULTS_DIR SET='section.key=value ...'"
 
 $(STAMP): requirements.txt
@@ -41,6 +42,10 @@ tiny: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+compare: setup
+	@test -n "$(BASELINE)" || { echo "error: name the baseline results file: make compare BASELINE=results/baselines/<file>.json"; exit 2; }
+	$(PY) -m bench.compare $(BASELINE) $(CANDIDATE)
 
 clean:
 	rm -rf results/runs results/latest.json results/*-*T*Z.json spark-warehouse

@@ -21,6 +21,7 @@ from bench import cluster, launch, results
 from bench.config import Config, ConfigError, resolve
 from bench.fsutil import atomic_write_json, read_json
 from bench.progress import Reporter
+from dlrm import roofline
 from preprocess import criteo, kaggle, layout, spark_job, synthetic
 
 STAGES = ("data", "preprocess", "train", "evaluate", "inference")
@@ -156,9 +157,26 @@ def preprocess_stage(run: Run, raw: Path, dataset: dict) -> Path:
     return out
 
 
+def probe_machine(run: Run, threads_per_rank: int) -> dict:
+    """Measure the GEMM rate and memory bandwidth the ranks get: the ceiling of the roofline fractions."""
+    start = time.perf_counter()
+    with run.reporter.task("measure GEMM and memory bandwidth", total=None):
+        measured = roofline.measure_machine(threads_per_rank, run.cfg.train.ranks_per_node)
+    measured["seconds"] = round(time.perf_counter() - start, 3)
+    run.results["machine"]["measured"] = measured
+    return measured
+
+
+def roofline_fraction(run: Run, samples_per_s: float, precision: str, training: bool) -> float:
+    """Achieved samples/s over the compute-bound samples/s at the measured GEMM rate for the precision used."""
+    gflops = run.results["machine"]["measured"]["machine_gemm_gflops"][precision]
+    return round(roofline.roofline_fraction(samples_per_s, roofline.flops_per_sample(run.cfg.model, training), gflops), 4)
+
+
 def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
     cfg = run.cfg
     threads = max(1, place.nodes[0]["cpus"] // cfg.train.ranks_per_node)
+    probe_machine(run, threads)
     with run.stage("train") as rec:
         with run.reporter.task("train steps", total=None) as task:
 
@@ -174,7 +192,9 @@ def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
         rec.update(
             samples_per_s=out["samples_per_s"], steps=out["steps"], samples=out["samples"], final_loss=out["final_loss"],
             backend=out["backend"], ipex=out["ipex"], threads_per_rank=out.get("threads_per_rank"),
+            precision=out.get("precision", "fp32"),
         )
+        rec["roofline_fraction"] = roofline_fraction(run, out["samples_per_s"], rec["precision"], training=True)
         run.results["software"]["backend"] = out["backend"]
         run.results["software"]["ipex"] = out["ipex"]
     # Evaluation ran inside the training job; report it as its own stage.
@@ -204,6 +224,7 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement) -> None:
         out = read_json(run.dir / "inference.json")
         rec.update(samples_per_s=out["samples_per_s"], latency_ms=out["latency_ms"], batch_size=out["batch_size"],
                    batches=out["batches"], ranks=out["ranks"])
+        rec["roofline_fraction"] = roofline_fraction(run, out["samples_per_s"], "fp32", training=False)
 
 
 def execute(run: Run) -> None:
