@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -102,6 +103,8 @@ def spark_session(cfg: PreprocessConfig, scratch: Path, app: str = "dlrm-preproc
         "spark.sql.files.maxPartitionBytes": str(32 << 20),
         "spark.driver.memory": "1g",
     }
+    # PySpark replaces the SIGINT handler and leaves its own behind after stop(); put ours back.
+    sigint = signal.getsignal(signal.SIGINT)
     if cfg.engine == "raydp":
         import raydp
 
@@ -125,7 +128,10 @@ def spark_session(cfg: PreprocessConfig, scratch: Path, app: str = "dlrm-preproc
     try:
         yield spark
     finally:
-        stop()
+        try:
+            stop()
+        finally:
+            signal.signal(signal.SIGINT, sigint)
 
 
 @dataclass(frozen=True)

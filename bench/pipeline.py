@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench import cluster, launch, results
+from bench import cluster, launch, mllog, report, results
 from bench.config import Config, ConfigError, resolve
 from bench.fsutil import atomic_write_json, read_json
 from bench.progress import Reporter
@@ -243,6 +243,16 @@ def execute(run: Run) -> None:
             inference_stage(run, processed, place)
 
 
+def write_views(run: Run) -> Path | None:
+    """The HTML report and the MLPerf-style log of the run; a failure here never hides the results."""
+    try:
+        mllog.write_mllog(run.results, run.dir / "mllog.log")
+        return report.write_report(run.results, run.dir)
+    except Exception as err:  # noqa: BLE001 - the results file is what counts
+        print(f"warning: could not write the report: {err}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="small")
@@ -277,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         run.results["finished_at"] = results.utc_now()
         run.results["total_seconds"] = round(time.perf_counter() - start, 3)
         path = results.write(Path(cfg.results_dir), run.results)
-    reporter.summary(run.results, path)
+        report_path = write_views(run)
+    reporter.summary(run.results, path, report_path)
     if run.results["error"]:
         print(f"error: {run.results['error']}", file=sys.stderr)
     return code

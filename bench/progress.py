@@ -73,7 +73,7 @@ class Reporter:
                 for fd in saved:
                     os.close(fd)
 
-    def summary(self, results: dict, path: Path) -> None:
+    def summary(self, results: dict, path: Path, report: Path | None = None) -> None:
         table = Table(title=f"run {results['run_id']}: {results['status']}")
         table.add_column("stage")
         table.add_column("seconds", justify="right")
@@ -83,6 +83,8 @@ class Reporter:
         table.add_row("total", f"{results['total_seconds']:.1f}", "")
         self.console.print(table)
         self.console.print(f"results: {path}")
+        if report:
+            self.console.print(f"report:  {report}")
 
 
 def _figure(name: str, rec: dict) -> str:
