@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterable
 from http.client import HTTPException, HTTPResponse
 from pathlib import Path
 
-from bench.fsutil import atomic_write_text
+from bench.fsutil import atomic_open, atomic_write_text
 from preprocess.errors import DataError
 from preprocess.layout import day_file
 
@@ -206,15 +205,8 @@ def decompress_day(gz: Path, out: Path) -> None:
     """
     gz, out = Path(gz), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as dst, gzip.open(gz, "rb") as src:
+        with atomic_open(out, "wb") as dst, gzip.open(gz, "rb") as src:
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; data files are for everyone
-        os.replace(tmp, out)
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        Path(tmp).unlink(missing_ok=True)
         raise DataError(f"{gz} is truncated or corrupt ({err}); delete it and run again to download it anew") from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

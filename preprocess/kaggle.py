@@ -10,12 +10,10 @@ be downloaded without a Kaggle account, so the user places it in
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from bench.config import DataConfig
-from bench.fsutil import atomic_write_json, read_json
+from bench.fsutil import atomic_open, atomic_write_json, read_json
 from preprocess.errors import DataError
 from preprocess.download import check_free_space
 from preprocess.layout import DATASET_MANIFEST, day_file
@@ -70,22 +68,15 @@ def _offset_after_line(path: Path, counts: list[int], line: int) -> int:
 
 def _copy_range(src: Path, start: int, end: int, out: Path) -> None:
     """Copy bytes ``start:end`` of ``src`` to ``out`` through a temporary name, so ``out`` is whole or absent."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as dst, open(src, "rb") as f:
-            f.seek(start)
-            remaining = end - start
-            while remaining:
-                block = f.read(min(CHUNK, remaining))
-                if not block:  # without this, a file shrinking under us would loop forever
-                    raise DataError(f"{src} changed while being split; run again")
-                dst.write(block)
-                remaining -= len(block)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; data files are for everyone
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "wb") as dst, open(src, "rb") as f:
+        f.seek(start)
+        remaining = end - start
+        while remaining:
+            block = f.read(min(CHUNK, remaining))
+            if not block:  # without this, a file shrinking under us would loop forever
+                raise DataError(f"{src} changed while being split; run again")
+            dst.write(block)
+            remaining -= len(block)
 
 
 def _source_record(train: Path) -> dict:

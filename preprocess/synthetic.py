@@ -52,12 +52,9 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import multiprocessing.queues
-import os
 import queue
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -68,7 +65,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from bench.config import NUM_DENSE, NUM_SPARSE, DataConfig
-from bench.fsutil import atomic_write_json
+from bench.fsutil import atomic_open, atomic_write_json
 from preprocess.layout import DATASET_MANIFEST, day_file
 
 GENERATOR_VERSION = "1"
@@ -325,23 +322,6 @@ def _write_chunk(
     return labels, probabilities
 
 
-@contextmanager
-def _atomic_binary(path: Path) -> Iterator[BinaryIO]:
-    """A file written under a temporary name and renamed to ``path`` only once complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); the data is read by other processes, maybe other users.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_day(
     model: ClickModel, cfg: DataConfig, raw_dir: Path, day: int, report: Callable[[int], None]
 ) -> DayFile:
@@ -352,7 +332,7 @@ def _write_day(
     evaluation = day == cfg.days
     kept_labels: list[np.ndarray] = []
     kept_probabilities: list[np.ndarray] = []
-    with _atomic_binary(path) as f:
+    with atomic_open(path, "wb") as f:
         for chunk, start in enumerate(range(0, cfg.rows_per_day, CHUNK_ROWS)):
             rows = min(CHUNK_ROWS, cfg.rows_per_day - start)
             labels, probabilities = _write_chunk(f, model, cfg.seed, day, chunk, rows)
