@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -61,6 +61,7 @@ class PreprocessConfig(_Section):
     executor_cores: int = Field(ge=1)
     executor_memory: str = Field(pattern=r"^\d+[mg]$")
     freq_threshold: int = Field(ge=0, description="values seen fewer times in training map to id 0")
+    max_ind_range: int = Field(default=0, ge=0, description="cap on each table's ids (hashed into range); 0 = off")
 
 
 class ModelConfig(_Section):
@@ -91,13 +92,55 @@ class TrainConfig(_Section):
     sparse_lr: float = Field(gt=0)
     seed: int = 0
     eval_batch_size: int = Field(ge=1)
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        default="fp32", description="auto: bf16 when the CPU has native bf16 (dlrm.roofline.bf16_native)")
+    # The MLPerf DLRM learning-rate schedule, applied to both optimizers (see dlrm.train.lr_scale).
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps; 0 = none")
+    decay_start_step: int = Field(default=0, ge=0, description="step at which the polynomial decay starts")
+    decay_steps: int = Field(default=0, ge=0, description="steps of the decay down to 0; 0 = no decay")
+    eval_every_steps: int = Field(default=0, ge=0, description="evaluate every N steps; 0 = at the end only")
+    eval_rows: int | None = Field(
+        default=None, ge=1, description="test rows (a prefix) evaluated during training; None = all. "
+                                        "The final evaluation always uses the whole split")
+    target_auc: float | None = Field(default=None, gt=0.0, le=1.0, description="stop once reached; None = never")
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="RUN_DIR/checkpoint.pt every N steps; 0 = never")
+    resume: bool = Field(default=False, description="continue from RUN_DIR/checkpoint.pt when it exists")
+
+    @model_validator(mode="after")
+    def _warmup_before_decay(self) -> "TrainConfig":
+        if self.decay_steps and self.decay_start_step < self.warmup_steps:
+            raise ValueError(f"decay_start_step ({self.decay_start_step}) must not come before the end of the "
+                             f"warm-up ({self.warmup_steps})")
+        return self
+
+
+InferenceVariant = Literal["fp32", "bf16", "int8"]
 
 
 class InferenceConfig(_Section):
     ranks: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    warmup_batches: int = Field(ge=0)
-    max_batches: int = Field(ge=1, description="timed batches per rank at most")
+    batch_size: int = Field(ge=1, description="the deployed batch size: variants are scored and timed at it")
+    warmup_batches: int = Field(ge=0, description="untimed batches per rank before each timed point")
+    max_batches: int = Field(ge=1, description="timed batches per rank per point at most")
+    seconds_per_point: float = Field(
+        gt=0, description="timed seconds per rank per point at most (the batch that crosses it still counts)"
+    )
+    sweep_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        description="batch sizes timed in fp32; batch_size is always one of the points"
+    )
+    variants: list[InferenceVariant] = Field(
+        min_length=1, description="precisions scored on the val split and timed at batch_size; must include fp32"
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _fp32_reference(cls, v: list[str]) -> list[str]:
+        # fp32 is the checkpoint as trained: the accuracy the other variants are compared with.
+        if "fp32" not in v:
+            raise ValueError("variants must include fp32, the reference the others are compared with")
+        if len(set(v)) != len(v):
+            raise ValueError("variants must not repeat")
+        return v
 
 
 class ClusterConfig(_Section):

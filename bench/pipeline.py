@@ -181,6 +181,8 @@ def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
         with run.reporter.task("train steps", total=None) as task:
 
             def on_progress(p: dict) -> None:
+                if p.get("stage") != "train":
+                    return
                 task.update(p["step"], total=p["steps"], info=f"{p['samples_per_s']:,.0f} samples/s  loss {p['loss']:.4f}")
 
             launch.run(
@@ -192,7 +194,9 @@ def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
         rec.update(
             samples_per_s=out["samples_per_s"], steps=out["steps"], samples=out["samples"], final_loss=out["final_loss"],
             backend=out["backend"], ipex=out["ipex"], threads_per_rank=out.get("threads_per_rank"),
-            precision=out.get("precision", "fp32"),
+            precision=out["precision"], lr_schedule=out["lr_schedule"], early_stopped=out["early_stopped"],
+            resumed_from_step=out["resumed_from_step"], peak_rss_bytes=out["peak_rss_bytes"],
+            auc_curve=out["auc_curve"],
         )
         rec["roofline_fraction"] = roofline_fraction(run, out["samples_per_s"], rec["precision"], training=True)
         run.results["software"]["backend"] = out["backend"]

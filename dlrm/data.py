@@ -71,15 +71,20 @@ def read_batch(data: ProcessedData, rows: Range) -> Batch:
 
 
 def train_batches(data: ProcessedData, global_batch: int, rank: int, world_size: int,
-                  epochs: int = 1) -> Iterator[Batch]:
-    """This rank's part of every global batch, epoch after epoch, in file order."""
+                  epochs: int = 1, start: int = 0) -> Iterator[Batch]:
+    """This rank's part of every global batch, epoch after epoch, in file order.
+
+    ``start``: the number of steps already taken (a resumed run continues there).
+    """
     steps = steps_per_epoch(len(data), global_batch)
-    for _ in range(epochs):
-        for step in range(steps):
-            yield read_batch(data, train_range(step, global_batch, rank, world_size))
+    for step in range(start, steps * epochs):
+        yield read_batch(data, train_range(step % steps, global_batch, rank, world_size))
 
 
-def eval_batches(data: ProcessedData, batch_size: int, rank: int, world_size: int) -> Iterator[Batch]:
-    """This rank's shard of the split, in batches; every row of the split is read by exactly one rank."""
-    for rows in batch_ranges(shard_range(len(data), rank, world_size), batch_size):
-        yield read_batch(data, rows)
+def eval_batches(data: ProcessedData, batch_size: int, rank: int, world_size: int,
+                 rows: int | None = None) -> Iterator[Batch]:
+    """This rank's shard of the split (or of its first ``rows`` rows), in batches;
+    every row evaluated is read by exactly one rank."""
+    total = len(data) if rows is None else min(rows, len(data))
+    for batch in batch_ranges(shard_range(total, rank, world_size), batch_size):
+        yield read_batch(data, batch)

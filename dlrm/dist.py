@@ -164,6 +164,13 @@ def all_gather(obj: object) -> list[object]:
     return gathered
 
 
+def broadcast(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s (picklable) ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def allreduce_sparse_grads(weights: list[torch.Tensor]) -> None:
     """Average the embedding tables' sparse gradients over all ranks in ONE collective.
 

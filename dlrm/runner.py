@@ -2,6 +2,8 @@
 
 Console contract (read by the harness from rank 0's stdout):
     PROGRESS {"stage": ..., "step": ..., "steps": ..., ...}   one JSON object per line
+        dlrm.train: stage "train" (samples_per_s, loss) and "eval" (samples, rows, auc,
+        loss: the test log loss, samples_per_s: rows evaluated per second)
     anything else                                             a human log line
 A failing rank prints one line to stderr and exits non-zero (mpiexec then ends the job).
 """
@@ -11,8 +13,8 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +22,7 @@ from typing import Callable
 import torch
 
 from bench.config import Config
+from bench.fsutil import atomic_open
 from dlrm import dist
 
 
@@ -71,6 +74,11 @@ def progress(rank: Rank, **fields: object) -> None:
         print("PROGRESS " + json.dumps(fields), flush=True)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run(main: Callable[[list[str] | None], int], prog: str, argv: list[str] | None = None) -> int:
     """Run an entry point; any exception becomes one stderr line and exit status 1."""
     try:
@@ -89,13 +97,5 @@ def run(main: Callable[[list[str] | None], int], prog: str, argv: list[str] | No
 
 def save_atomically(obj: object, path: Path) -> None:
     """torch.save to a temporary name in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)

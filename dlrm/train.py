@@ -1,7 +1,7 @@
-"""Train DLRM data-parallel on CPU ranks, then evaluate on the test split.
+"""Train DLRM data-parallel on CPU ranks, evaluating as it goes, then on the whole test split.
 
     mpiexec -n W -genv MASTER_ADDR host -genv MASTER_PORT port \\
-        python -m dlrm.train --config RUN/config.json --data PROCESSED_DIR --out RUN_DIR
+        python -m dlrm.train --config RUN/config.json --data PROCESSED_DIR --out RUN_DIR [--resume]
 
 Every rank holds the whole model, built from the same seed. Each step every rank
 computes gradients on its B/W rows, then they are averaged over ranks: DDP
@@ -15,8 +15,18 @@ Optimizers (the benchmark trains exactly one epoch, so they must converge fast):
     the squared gradients a row has seen, so rare ids (most rows of a Zipf-distributed
     table, seen a handful of times in one epoch) still take large steps while frequent
     ids settle; it accepts sparse gradients and only updates the touched rows.
-    Plain SGD needs a warm-up/decay schedule tuned per dataset to get there.
   * MLPs: Adam at train.dense_lr, the usual robust choice for small dense nets.
+  Both base rates follow the MLPerf DLRM schedule when it is set (see lr_scale).
+
+Options (train.* in the profile, all off in the small profiles):
+  * precision    bf16 autocast around forward and loss; the weights, the optimizer state
+                 and every evaluation stay fp32.
+  * evaluation   every eval_every_steps on the test split (or its first eval_rows rows),
+                 stopping early once the AUC reaches target_auc. Training throughput
+                 does not count the time spent evaluating or checkpointing.
+  * checkpoints  every checkpoint_every_steps to RUN_DIR/checkpoint.pt. --resume (or
+                 train.resume when the file exists) continues from it where it stopped:
+                 the same rows, weights, optimizer state and loss history, so the same result.
 """
 
 from __future__ import annotations
@@ -37,13 +47,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bench import config as bench_config
 from bench.fsutil import atomic_write_json
-from dlrm import data, dist, runner
+from dlrm import data, dist, roofline, runner
 from dlrm.model import DLRM
 from preprocess.layout import ProcessedData
 
 PROG = "dlrm.train"
 PROGRESS_EVERY = 0.02  # of the steps
 FINAL_LOSS_WINDOW = 0.01  # of the steps
+CHECKPOINT = "checkpoint.pt"  # in RUN_DIR
 
 
 def build_model(vocab_sizes: list[int], cfg: bench_config.Config
@@ -70,26 +81,107 @@ def wrap_ddp(model: DLRM) -> DistributedDataParallel:
     return DistributedDataParallel(model)
 
 
-def train(rank: runner.Rank, ddp: nn.Module, optimizers: list[torch.optim.Optimizer],
-          train_data: ProcessedData, global_batch: int, epochs: int) -> dict:
-    """The training loop; returns throughput and the loss at the end."""
-    info = rank.info
-    steps = data.steps_per_epoch(len(train_data), global_batch) * epochs
+def lr_scale(step: int, warmup_steps: int, decay_start_step: int, decay_steps: int) -> float:
+    """The factor on the base learning rates at optimizer step ``step`` (counted from 1).
+
+    MLPerf DLRM's schedule (the reference's LRPolicyScheduler): a linear warm-up
+    step/warmup_steps up to 1, then 1, then from decay_start_step a power-2 polynomial
+    decay reaching 0 after decay_steps steps (decay_steps 0: no decay). Unlike the
+    reference, the constant phase is exactly 1 (not (W-1)/W), there is no 1e-7 floor,
+    and the rate stays 0 after the decay (the reference freezes its last value).
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+    if decay_steps == 0 or step < decay_start_step:
+        return 1.0
+    remaining = max(0, decay_start_step + decay_steps - step)
+    return (remaining / decay_steps) ** 2
+
+
+def resolve_precision(setting: str) -> str:
+    """"auto" is bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32."""
+    if setting == "auto":
+        return "bf16" if roofline.bf16_native() else "fp32"
+    return setting
+
+
+def autocast(precision: str) -> torch.autocast:
+    """Matmuls in bf16 when asked; parameters, gradients and the optimizers stay fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def save_checkpoint(rank: runner.Rank, path: Path, model: DLRM, optimizers: list[torch.optim.Optimizer],
+                    step: int, global_batch: int, losses: np.ndarray, auc_curve: list[dict]) -> None:
+    """Everything needed to continue after ``step`` as if never stopped. Every rank calls this.
+
+    The model and optimizer states are the same on every rank; the loss history (each rank
+    saw different rows) and the RNG state are per rank. The loader position is ``step``.
+    """
+    mine = {"losses": torch.from_numpy(losses[:step].copy()), "rng": torch.get_rng_state()}
+    per_rank = dist.all_gather(mine)
+    if rank.is_main:
+        runner.save_atomically({
+            "step": step, "world_size": rank.info.world_size, "batch_size": global_batch,
+            "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+            "per_rank": per_rank, "auc_curve": auc_curve,
+        }, path)
+    torch_dist.barrier()  # no rank moves on (or stops) before the file is complete
+
+
+def load_checkpoint(rank: runner.Rank, path: Path, model: DLRM, optimizers: list[torch.optim.Optimizer],
+                    global_batch: int) -> dict:
+    """Restore the model, the optimizers and this rank's RNG; return the step, loss history and AUC curve."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if (saved["world_size"], saved["batch_size"]) != (rank.info.world_size, global_batch):
+        raise ValueError(f"{path} was written by {saved['world_size']} ranks at global batch {saved['batch_size']}; "
+                         f"this run has {rank.info.world_size} ranks at global batch {global_batch}")
+    model.load_state_dict(saved["model"])
+    for opt, state in zip(optimizers, saved["optimizers"]):
+        opt.load_state_dict(state)
+    mine = saved["per_rank"][rank.info.rank]
+    torch.set_rng_state(mine["rng"])
+    return {"step": saved["step"], "losses": mine["losses"].numpy(), "auc_curve": saved["auc_curve"]}
+
+
+def train(rank: runner.Rank, ddp: DistributedDataParallel, optimizers: list[torch.optim.Optimizer],
+          train_data: ProcessedData, test_data: ProcessedData, cfg: bench_config.Config, precision: str,
+          checkpoint: Path, resume: dict | None = None, stop_after: int | None = None) -> dict | None:
+    """The training loop; returns throughput, the loss at the end and the AUC curve so far.
+
+    ``resume``: what load_checkpoint returned. ``stop_after``: stop after that step
+    without a result (None is returned), as if the job had been killed there.
+    """
+    info, opts, global_batch = rank.info, cfg.train, cfg.train.batch_size
+    steps = data.steps_per_epoch(len(train_data), global_batch) * opts.epochs
     if steps == 0:
         raise ValueError(f"the train split has {len(train_data)} rows, fewer than one global batch "
                          f"of {global_batch}")
+    model = ddp.module
+    base_lrs = [opts.sparse_lr, opts.dense_lr]  # build_model's optimizer order
     loss_fn = nn.BCEWithLogitsLoss()
     report_every = max(1, round(steps * PROGRESS_EVERY))
     losses = np.zeros(steps)
-    embeddings = ddp.module.embedding_parameters()
+    auc_curve: list[dict] = []
+    first = 0  # steps already taken
+    if resume is not None:
+        first = resume["step"]
+        losses[:first] = resume["losses"]
+        auc_curve = resume["auc_curve"]
+    embeddings = model.embedding_parameters()
+    early_stopped = False
 
     ddp.train()
     torch_dist.barrier()  # all ranks start the clock together
     start = last_time = time.perf_counter()
-    last_step = 0
-    batches = data.train_batches(train_data, global_batch, info.rank, info.world_size, epochs)
-    for step, (dense, ids, labels) in enumerate(batches, start=1):
-        loss = loss_fn(ddp(dense, ids), labels)
+    step = last_step = first
+    batches = data.train_batches(train_data, global_batch, info.rank, info.world_size, opts.epochs, start=first)
+    for step, (dense, ids, labels) in enumerate(batches, start=first + 1):
+        scale = lr_scale(step, opts.warmup_steps, opts.decay_start_step, opts.decay_steps)
+        for opt, base_lr in zip(optimizers, base_lrs):
+            for group in opt.param_groups:
+                group["lr"] = base_lr * scale
+        with autocast(precision):
+            loss = loss_fn(ddp(dense, ids), labels)
         for opt in optimizers:
             opt.zero_grad()
         loss.backward()  # DDP averages the dense gradients over ranks during backward
@@ -105,30 +197,50 @@ def train(rank: runner.Rank, ddp: nn.Module, optimizers: list[torch.optim.Optimi
             runner.progress(rank, stage="train", step=step, steps=steps, samples_per_s=round(rate, 1),
                             loss=round(float(window.mean()), 5))
             last_step, last_time = step, now
+
+        pause_start = time.perf_counter()
+        if opts.eval_every_steps and step % opts.eval_every_steps == 0 and step < steps:
+            scores = evaluate(rank, model, test_data, opts.eval_batch_size, rows=opts.eval_rows)
+            auc_curve.append(report_eval(rank, scores, step, steps, global_batch))
+            early_stopped = opts.target_auc is not None and (scores["auc"] or 0.0) >= opts.target_auc
+        # (Not when stopping early: a resumed run retrains to this step and stops here again.)
+        if opts.checkpoint_every_steps and step % opts.checkpoint_every_steps == 0 and not early_stopped:
+            save_checkpoint(rank, checkpoint, model, optimizers, step, global_batch, losses, auc_curve)
+        # The clock measures training alone: move it past the evaluation and the checkpoint.
+        paused = time.perf_counter() - pause_start
+        start, last_time = start + paused, last_time + paused
+        if early_stopped or step == stop_after:
+            break
     torch_dist.barrier()  # the slowest rank decides the time
     seconds = time.perf_counter() - start
+    if step == stop_after and step < steps and not early_stopped:
+        return None
 
-    # Mean over the last ~1% of steps and over all ranks (each rank saw different rows).
-    window = max(1, math.ceil(steps * FINAL_LOSS_WINDOW))
-    final_loss = torch.tensor(losses[-window:].mean(), dtype=torch.float64)
+    # Mean over the last ~1% of the steps taken and over all ranks (each rank saw different rows).
+    window = max(1, math.ceil(step * FINAL_LOSS_WINDOW))
+    final_loss = torch.tensor(losses[step - window:step].mean(), dtype=torch.float64)
     torch_dist.all_reduce(final_loss)
     return {
-        "samples_per_s": steps * global_batch / seconds,
+        "samples_per_s": (step - first) * global_batch / seconds,  # of this run (a resumed one starts at first)
         "seconds": seconds,
-        "steps": steps,
-        "samples": steps * global_batch,
+        "steps": step,
+        "samples": step * global_batch,
         "final_loss": final_loss.item() / info.world_size,
+        "early_stopped": early_stopped,
+        "auc_curve": auc_curve,
     }
 
 
 @torch.inference_mode()
 def predict(model: nn.Module, batches: Iterable[data.Batch]) -> tuple[np.ndarray, np.ndarray]:
-    """Click probabilities and labels for a stream of batches."""
+    """Click probabilities and labels for a stream of batches (in fp32, whatever the training precision)."""
+    was_training = model.training
     model.eval()
     probs, labels = [], []
     for dense, ids, label in batches:
         probs.append(torch.sigmoid(model(dense, ids)).numpy())
         labels.append(label.numpy())
+    model.train(was_training)
     if not probs:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
     return np.concatenate(probs), np.concatenate(labels)
@@ -144,20 +256,34 @@ def click_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     }
 
 
-def evaluate(rank: runner.Rank, model: nn.Module, test_data: ProcessedData, batch_size: int) -> dict | None:
-    """Each rank predicts its shard of the test split; rank 0 scores all of them (None elsewhere)."""
+def evaluate(rank: runner.Rank, model: nn.Module, test_data: ProcessedData, batch_size: int,
+             rows: int | None = None) -> dict:
+    """Each rank predicts its shard of the test split (or of its first ``rows`` rows); rank 0
+    scores all of them and every rank gets the scores."""
     info = rank.info
     start = time.perf_counter()
-    probs, labels = predict(model, data.eval_batches(test_data, batch_size, info.rank, info.world_size))
+    expected = len(test_data) if rows is None else min(rows, len(test_data))
+    probs, labels = predict(model, data.eval_batches(test_data, batch_size, info.rank, info.world_size, rows))
     gathered = dist.all_gather((probs, labels))  # shards arrive in rank order
-    if not rank.is_main:
-        return None
-    all_probs = np.concatenate([p for p, _ in gathered])
-    all_labels = np.concatenate([y for _, y in gathered])
-    if len(all_labels) != len(test_data):
-        raise RuntimeError(f"evaluated {len(all_labels)} test rows, expected {len(test_data)}")
-    return {**click_metrics(all_labels, all_probs), "test_rows": len(all_labels),
-            "eval_seconds": time.perf_counter() - start}
+    scores = None
+    if rank.is_main:
+        all_probs = np.concatenate([p for p, _ in gathered])
+        all_labels = np.concatenate([y for _, y in gathered])
+        if len(all_labels) != expected:
+            raise RuntimeError(f"evaluated {len(all_labels)} test rows, expected {expected}")
+        scores = {**click_metrics(all_labels, all_probs), "test_rows": len(all_labels),
+                  "eval_seconds": time.perf_counter() - start}
+    return dist.broadcast(scores)
+
+
+def report_eval(rank: runner.Rank, scores: dict, step: int, steps: int, global_batch: int) -> dict:
+    """The auc_curve entry of an evaluation after ``step`` steps, also printed as a PROGRESS line."""
+    point = {"step": step, "samples": step * global_batch, "auc": scores["auc"], "loss": scores["logloss"],
+             "rows": scores["test_rows"]}
+    runner.progress(rank, stage="eval", step=step, steps=steps, samples=point["samples"], rows=point["rows"],
+                    auc=None if point["auc"] is None else round(point["auc"], 5), loss=round(point["loss"], 5),
+                    samples_per_s=round(point["rows"] / scores["eval_seconds"], 1))  # rows evaluated per second
+    return point
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -165,6 +291,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, required=True, help="resolved run configuration (config.json)")
     parser.add_argument("--data", type=Path, required=True, help="processed data folder (has manifest.json)")
     parser.add_argument("--out", type=Path, required=True, help="run folder for train.json and model.pt")
+    parser.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT} (must exist)")
+    parser.add_argument("--stop-after-steps", type=int, metavar="N",
+                        help="debugging: stop after step N without a result, as if killed there")
     return parser.parse_args(argv)
 
 
@@ -178,23 +307,36 @@ def main(argv: list[str] | None = None) -> int:
     info = rank.info
     global_batch = cfg.train.batch_size
     data.local_batch_size(global_batch, info.world_size)  # fail early if B/W is not whole
+    precision = resolve_precision(cfg.train.precision)
 
     train_data = ProcessedData(args.data, "train")
     test_data = ProcessedData(args.data, "test")
     vocab_sizes = train_data.vocab_sizes
 
     model, optimizers, ipex = build_model(vocab_sizes, cfg)
+    checkpoint = args.out / CHECKPOINT
+    resume = None
+    if args.resume or (cfg.train.resume and checkpoint.is_file()):
+        resume = load_checkpoint(rank, checkpoint, model, optimizers, global_batch)
+        runner.log(rank, f"{PROG}: resuming from {checkpoint} at step {resume['step']}")
     ddp = wrap_ddp(model)
 
     runner.log(rank, f"{PROG}: {info.world_size} ranks ({info.launcher} launcher), backend {backend}, "
-                     f"{rank.pinning['threads']} threads/rank, ipex: {ipex[1]}; "
+                     f"{rank.pinning['threads']} threads/rank, ipex: {ipex[1]}, precision {precision}; "
                      f"{len(train_data)} train rows, global batch {global_batch}, {cfg.train.epochs} epoch(s)")
-    result = train(rank, ddp, optimizers, train_data, global_batch, cfg.train.epochs)
+    result = train(rank, ddp, optimizers, train_data, test_data, cfg, precision, checkpoint, resume,
+                   args.stop_after_steps)
+    if result is None:
+        runner.log(rank, f"{PROG}: stopped after step {args.stop_after_steps} (--stop-after-steps)")
+        return 0
     runner.log(rank, f"{PROG}: trained {result['samples']} samples in {result['seconds']:.1f}s "
-                     f"({result['samples_per_s']:.0f} samples/s), final loss {result['final_loss']:.4f}")
+                     f"({result['samples_per_s']:.0f} samples/s), final loss {result['final_loss']:.4f}"
+                     + (" (stopped early: target AUC reached)" if result["early_stopped"] else ""))
 
     scores = evaluate(rank, model, test_data, cfg.train.eval_batch_size)
+    result["auc_curve"].append(report_eval(rank, scores, result["steps"], result["steps"], global_batch))
     pinning = dist.all_gather(rank.pinning)
+    peak_rss = dist.all_gather(runner.peak_rss_bytes())
     if rank.is_main:
         runner.log(rank, f"{PROG}: test AUC {scores['auc']}, logloss {scores['logloss']:.4f}, "
                          f"accuracy {scores['accuracy']:.4f} over {scores['test_rows']} rows")
@@ -204,11 +346,17 @@ def main(argv: list[str] | None = None) -> int:
             **result,
             "epochs": cfg.train.epochs,
             "batch_size": global_batch,
+            "precision": precision,
+            "lr_schedule": {"dense_lr": cfg.train.dense_lr, "sparse_lr": cfg.train.sparse_lr,
+                            "warmup_steps": cfg.train.warmup_steps, "decay_start_step": cfg.train.decay_start_step,
+                            "decay_steps": cfg.train.decay_steps},
+            "resumed_from_step": None if resume is None else resume["step"],
             "backend": backend,
             "ipex": {"used": ipex[0], "reason": ipex[1]},
             "world_size": info.world_size,
             "threads_per_rank": rank.pinning["threads"],
             "pinning": pinning,
+            "peak_rss_bytes": peak_rss,
             **scores,
         })
     torch_dist.barrier()  # no rank exits (and tears the group down) before rank 0 has written

@@ -84,6 +84,22 @@ def test_training_rows_of_rank_r_at_step_i(processed):
     assert epoch == list(range(960))
 
 
+def test_a_resumed_stream_continues_where_it_stopped(processed):
+    split = ProcessedData(processed, "train")
+    full = [row_ids(b) for b in data.train_batches(split, 96, 1, 3, epochs=2)]
+    for start in (0, 7, 10, 13, 20):  # within the first epoch, at its end, within the second, at the end
+        assert [row_ids(b) for b in data.train_batches(split, 96, 1, 3, epochs=2, start=start)] == full[start:]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_evaluation_on_a_prefix_of_the_split(processed, world_size):
+    split = ProcessedData(processed, "test")
+    for rows, expected in ((40, 40), (103, 103), (500, 103)):  # more rows than the split: the whole split
+        seen = [r for rank in range(world_size) for b in data.eval_batches(split, 10, rank, world_size, rows)
+                for r in row_ids(b)]
+        assert seen == list(range(expected))
+
+
 def test_global_batch_must_split_evenly():
     with pytest.raises(ValueError, match="does not split evenly"):
         data.local_batch_size(100, 3)

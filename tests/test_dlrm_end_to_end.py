@@ -2,6 +2,8 @@
 
   * the one-collective sparse gradient all-reduce equals the dense average;
   * dlrm.train on 2 ranks learns a learnable dataset and accounts for every row;
+    evaluates along the way, checkpoints, and a run stopped and resumed ends exactly
+    like the uninterrupted one; bf16 still learns, and stops early at a target AUC;
   * dlrm.inference runs on 2 ranks, and alone without any launcher.
 """
 
@@ -93,21 +95,28 @@ def test_sparse_allreduce_averages_all_tables_in_one_go(tmp_path):
 
 # --- training and inference -------------------------------------------------------------------------
 
-ROWS = {"train": 16384, "test": 3001, "val": 3000}
+ROWS = {"train": 16384, "test": 3001, "val": 3000}  # 32 steps of the tiny profile's 512 rows
+# Evaluate on 1000 test rows every 8 steps, checkpoint every 10.
+ALONG_THE_WAY = ["train.eval_every_steps=8", "train.eval_rows=1000", "train.checkpoint_every_steps=10"]
+
+
+def train_run(run_dir: Path, processed: Path, overrides: list[str], *args: str) -> dict:
+    """dlrm.train on 2 ranks with the tiny profile and ``overrides``; the config, stdout and train.json."""
+    cfg = resolve("tiny", ["inference.ranks=2", "inference.warmup_batches=1", "inference.max_batches=4",
+                           *overrides])
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_json()))
+    proc = run(["-m", "dlrm.train", "--config", str(run_dir / "config.json"), "--data", str(processed),
+                "--out", str(run_dir), *args], ranks=2)
+    result = run_dir / "train.json"
+    return {"dir": run_dir, "data": processed, "cfg": cfg, "stdout": proc.stdout,
+            "result": json.loads(result.read_text()) if result.exists() else None}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("e2e")
-    processed = write_processed(root / "processed", ROWS)
-    cfg = resolve("tiny", ["inference.ranks=2", "inference.warmup_batches=1", "inference.max_batches=4"])
-    run_dir = root / "run"
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_json()))
-    proc = run(["-m", "dlrm.train", "--config", str(run_dir / "config.json"), "--data", str(processed),
-                "--out", str(run_dir)], ranks=2)
-    return {"dir": run_dir, "data": processed, "cfg": cfg, "stdout": proc.stdout,
-            "result": json.loads((run_dir / "train.json").read_text())}
+    return train_run(root / "run", write_processed(root / "processed", ROWS), ALONG_THE_WAY)
 
 
 def test_training_learns_and_counts_every_row(trained):
@@ -121,15 +130,72 @@ def test_training_learns_and_counts_every_row(trained):
     assert result["samples_per_s"] > 0 and result["seconds"] > 0 and result["eval_seconds"] > 0
     assert result["backend"] == "gloo" and result["ipex"]["used"] is False
     assert result["threads_per_rank"] >= 1
+    assert result["precision"] == "fp32" and result["early_stopped"] is False and result["resumed_from_step"] is None
+    assert result["lr_schedule"] == {"dense_lr": cfg.train.dense_lr, "sparse_lr": cfg.train.sparse_lr,
+                                     "warmup_steps": 0, "decay_start_step": 0, "decay_steps": 0}
+    assert len(result["peak_rss_bytes"]) == 2 and all(b > 50 << 20 for b in result["peak_rss_bytes"])
     print(f"\ntiny training: {result['samples_per_s']:.0f} samples/s on 2 ranks, AUC {result['auc']:.4f}")
+
+
+def test_training_evaluates_along_the_way(trained):
+    result = trained["result"]
+    curve = result["auc_curve"]
+    assert [p["step"] for p in curve] == [8, 16, 24, 32]
+    assert [p["samples"] for p in curve] == [p["step"] * 512 for p in curve]
+    assert [p["rows"] for p in curve] == [1000, 1000, 1000, ROWS["test"]]  # the final one: the whole split
+    assert (curve[-1]["auc"], curve[-1]["loss"]) == (result["auc"], result["logloss"])
+    assert curve[0]["auc"] < curve[-1]["auc"]
 
 
 def test_training_reports_progress_lines(trained):
     lines = [json.loads(line[len("PROGRESS "):]) for line in trained["stdout"].splitlines()
              if line.startswith("PROGRESS ")]
-    assert lines and {p["stage"] for p in lines} == {"train"}
-    assert lines[-1]["step"] == lines[-1]["steps"] == trained["result"]["steps"]
-    assert all(p["samples_per_s"] > 0 and p["loss"] > 0 for p in lines)
+    train_lines = [p for p in lines if p["stage"] == "train"]
+    assert train_lines and {p["stage"] for p in lines} == {"train", "eval"}
+    assert train_lines[-1]["step"] == train_lines[-1]["steps"] == trained["result"]["steps"]
+    assert all(p["samples_per_s"] > 0 and p["loss"] > 0 for p in train_lines)
+    evals = [p for p in lines if p["stage"] == "eval"]
+    assert [(p["step"], p["rows"]) for p in evals] == [(p["step"], p["rows"]) for p in trained["result"]["auc_curve"]]
+    # The fields the pipeline's progress bar reads are there too.
+    assert all(p["steps"] == 32 and p["samples_per_s"] > 0 and 0 < p["auc"] < 1 and p["loss"] > 0 for p in evals)
+
+
+def test_a_stopped_run_resumes_to_the_same_result(trained, tmp_path):
+    """Run B: stopped after step 15 (its last checkpoint is step 10), then started again; train.resume
+    makes the second start continue from the checkpoint. It must end exactly like run A."""
+    overrides = [*ALONG_THE_WAY, "train.resume=true"]
+    stopped = train_run(tmp_path, trained["data"], overrides, "--stop-after-steps", "15")
+    assert stopped["result"] is None and "stopped after step 15" in stopped["stdout"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 10
+    resumed = train_run(tmp_path, trained["data"], overrides)
+    a, b = trained["result"], resumed["result"]
+    assert "resuming from" in resumed["stdout"] and b["resumed_from_step"] == 10
+    assert b["steps"] == a["steps"] and b["test_rows"] == a["test_rows"]
+    for key in ("auc", "logloss", "accuracy", "final_loss"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    assert [(p["step"], p["rows"]) for p in b["auc_curve"]] == [(p["step"], p["rows"]) for p in a["auc_curve"]]
+    for p, q in zip(b["auc_curve"], a["auc_curve"]):
+        assert (p["auc"], p["loss"]) == pytest.approx((q["auc"], q["loss"]), abs=1e-6)
+    state_a = torch.load(trained["dir"] / "model.pt", weights_only=True)["state_dict"]
+    state_b = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    for name, tensor in state_a.items():
+        torch.testing.assert_close(state_b[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_bf16_learns_and_stops_at_the_target_auc(trained, tmp_path):
+    run_b = train_run(tmp_path, trained["data"],
+                      ["train.precision=bf16", "train.eval_every_steps=4", "train.eval_rows=1000",
+                       "train.target_auc=0.8"])
+    result = run_b["result"]
+    assert result["precision"] == "bf16"
+    assert result["auc"] > 0.75 and 0 < result["final_loss"] < 0.6  # bf16 still learns
+    *periodic, final = result["auc_curve"]
+    assert result["early_stopped"] is True and result["steps"] == periodic[-1]["step"] < 32
+    assert periodic[-1]["auc"] >= 0.8 and all(p["auc"] < 0.8 for p in periodic[:-1])
+    assert final["step"] == result["steps"] and final["rows"] == ROWS["test"]
+    fp32 = trained["result"]
+    print(f"\ntiny bf16: {result['samples_per_s']:.0f} samples/s (fp32 {fp32['samples_per_s']:.0f}), "
+          f"AUC {result['auc']:.4f} after {result['steps']} steps (fp32 {fp32['auc']:.4f} after 32)")
 
 
 def test_checkpoint_restores_the_model(trained):

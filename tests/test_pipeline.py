@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -27,12 +30,26 @@ def run_pipeline(tmp: Path, *overrides: str, profile: str = "tiny") -> tuple[sub
     return proc, json.loads(latest.read_text()) if latest.exists() else None
 
 
+def _belongs_to_another_test_run(p: psutil.Process) -> bool:
+    """True for processes under some other pytest (say, a colleague's run on the same machine)."""
+    for parent in p.parents():
+        if parent.pid == os.getpid():
+            return False
+        if "pytest" in " ".join(parent.cmdline()):
+            return True
+    return False
+
+
 def engine_processes() -> list[str]:
+    """Engine processes left running by this test run: orphans or our own descendants."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if any(name in cmd for name in ENGINE_PROCESSES) and "pytest" not in cmd:
-            found.append(cmd[:120])
+        try:
+            if any(name in cmd for name in ENGINE_PROCESSES) and "pytest" not in cmd and not _belongs_to_another_test_run(p):
+                found.append(cmd[:120])
+        except psutil.Error:  # ended while we looked
+            pass
     return found
 
 
@@ -150,4 +167,27 @@ def test_wrong_column_count_is_rejected_and_reported(tmp_path):
 def test_unknown_profile_is_a_one_line_error(tmp_path):
     proc, r = run_pipeline(tmp_path, profile="huge")
     assert proc.returncode == 2 and r is None
-    assert proc.stderr.strip() == "error: unknown profile 'huge'; choose one of small, tiny"
+    assert proc.stderr.strip() == "error: unknown profile 'huge'; choose one of full, small, tiny"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_training_cleans_up_and_records_it(tiny_run, tmp_path, sig):
+    tmp, _, _ = tiny_run
+    args = [sys.executable, "-m", "bench.pipeline", "--profile", "tiny", "--set", f"data.dir={tmp / 'data'}",
+            "--set", f"results_dir={tmp_path}", "--set", "data.rows_per_day=60000"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = list(tmp_path.glob("runs/*/logs/train.log"))
+        if logs and "PROGRESS" in logs[0].read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    r = json.loads((tmp_path / "latest.json").read_text())
+    assert proc.returncode == 130, err[-2000:]
+    assert r["status"] == "interrupted" and "interrupted" in r["error"]
+    schema.validate(r)
+    time.sleep(1)
+    assert not engine_processes()
