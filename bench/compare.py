@@ -1,11 +1,17 @@
 """Regression check: compare a candidate results file with a baseline, metric by metric.
 
-    python -m bench.compare BASELINE [CANDIDATE] [--threshold METRIC=VALUE ...] [--relative-scale X]
+    python -m bench.compare BASELINE [CANDIDATE] [--threshold METRIC=VALUE ...] [--relative-scale X] [--raw]
 
 Every metric of bench.schema.METRICS found in either file gets a row. A metric regresses when it
 moves in its worse direction by more than its threshold: by difference for absolute metrics (AUC),
 by ratio to the baseline for relative ones (speeds, times). Moving as far in the better direction is
 reported as "better"; smaller moves either way are noise ("ok").
+
+Speeds and times are also compared normalised by each run's own measured machine
+(machine.measured): throughputs divided by the GEMM rate they scale with, times multiplied by it
+(bench.schema.MachineFigure), so that a slower machine does not read as slower code. When both
+files have machine.measured the normalised change decides the verdict, otherwise the raw one;
+--raw makes the raw change decide always. The table shows both and which one decided.
 
 Exit status: 0 no regression; 1 a metric regressed or the candidate run did not succeed;
 2 a file is unreadable or invalid, or the baseline run did not succeed.
@@ -25,10 +31,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bench.schema import METRICS, Metric, validate
+from bench.schema import METRICS, MachineFigure, Metric, validate
 
 OK, BETTER, REGRESSION, MISSING, SKIPPED = "ok", "better", "REGRESSION", "missing", "skipped"
 VERDICT_STYLES = {OK: "", BETTER: "green", REGRESSION: "bold red", MISSING: "yellow", SKIPPED: "dim"}
+RAW, NORMALISED = "raw", "normalised"  # which change decided a verdict
 
 
 @dataclass(frozen=True)
@@ -43,17 +50,45 @@ class Row:
     change: float | None  # candidate - baseline (absolute) or (candidate - baseline) / baseline (relative)
     threshold: float
     verdict: str
-    note: str = ""  # why a metric is missing or skipped
+    note: str = ""  # why a metric is missing or skipped, or not normalised although the files were measured
+    # The change of the figures per unit of the machine figure they scale with; None when the metric does
+    # not scale with the machine or a file lacks the figure.
+    normalised_change: float | None = None
+    decided_by: str = RAW  # RAW or NORMALISED: the change the verdict is (or, missing or skipped, would be) of
 
 
-def lookup(results: dict, path: str) -> float | None:
-    """The number at a dotted path, or None when the path is absent or null (e.g. a stage never ran)."""
+def _get(results: dict, path: str) -> object:
     node: object = results
     for key in path.split("."):
         if not isinstance(node, dict) or key not in node:
             return None
         node = node[key]
+    return node
+
+
+def lookup(results: dict, path: str) -> float | None:
+    """The number at a dotted path, or None when the path is absent or null (e.g. a stage never ran)."""
+    node = _get(results, path)
     return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def unmeasured(baseline: dict, candidate: dict) -> list[str]:
+    """The roles ("baseline", "candidate") whose file has no machine.measured: their changes cannot be normalised."""
+    return [role for role, results in (("baseline", baseline), ("candidate", candidate))
+            if not isinstance(_get(results, "machine.measured"), dict)]
+
+
+def machine_figure(results: dict, figure: MachineFigure) -> tuple[str, float | None]:
+    """The figure's dotted path under machine.measured (precision filled in), and its value if present and > 0."""
+    precision = _get(results, figure.precision_at) if figure.precision_at else None
+    path = figure.path.format(precision=precision if isinstance(precision, str) else "fp32")
+    value = lookup(results, f"machine.measured.{path}")
+    return path, value if value is not None and value > 0 else None
+
+
+def normalised(metric: Metric, value: float, per: float) -> float:
+    """``value`` per unit of machine figure ``per``: a throughput divided by it, a time multiplied by it."""
+    return value / per if metric.better == "higher" else value * per
 
 
 def change(metric: Metric, baseline: float, candidate: float) -> float:
@@ -100,21 +135,47 @@ def not_comparable(path: str, baseline: dict, candidate: dict) -> str | None:
     return None
 
 
-def compare(baseline: dict, candidate: dict, thresholds: Mapping[str, float]) -> list[Row]:
-    """One row per METRICS entry present in either file; ``thresholds`` overrides the METRICS defaults."""
+def _normalised_change(metric: Metric, baseline: dict, candidate: dict, base: float, cand: float,
+                       ) -> tuple[float | None, str]:
+    """The change per unit of the machine figure the metric scales with, or None and why not (empty:
+    the metric does not scale with the machine, or a file has no machine.measured at all)."""
+    if metric.scales_with is None or unmeasured(baseline, candidate):
+        return None, ""
+    (base_path, base_per), (cand_path, cand_per) = (machine_figure(baseline, metric.scales_with),
+                                                    machine_figure(candidate, metric.scales_with))
+    lacking = [f"{path} in {role}" for role, path, per in (("baseline", base_path, base_per),
+                                                           ("candidate", cand_path, cand_per)) if per is None]
+    if lacking:
+        return None, f"raw: no machine.measured.{' or '.join(lacking)}"
+    note = f"per {base_path} vs {cand_path}" if base_path != cand_path else ""  # e.g. fp32 vs bf16 training
+    return change(metric, normalised(metric, base, base_per), normalised(metric, cand, cand_per)), note
+
+
+def compare(baseline: dict, candidate: dict, thresholds: Mapping[str, float], raw: bool = False) -> list[Row]:
+    """One row per METRICS entry present in either file; ``thresholds`` overrides the METRICS defaults.
+
+    A row's verdict is of its normalised change when there is one, unless ``raw``; else of its raw change.
+    """
+    default_by = RAW if raw or unmeasured(baseline, candidate) else NORMALISED
     rows = []
     for path, metric in METRICS.items():
         base, cand = lookup(baseline, path), lookup(candidate, path)
         if base is None and cand is None:
             continue
         threshold = thresholds.get(path, metric.threshold)
+        by = default_by if metric.scales_with is not None else RAW
         if base is None or cand is None:
-            delta, result, note = None, MISSING, f"not in {'baseline' if base is None else 'candidate'}"
+            delta, norm, result, note = None, None, MISSING, f"not in {'baseline' if base is None else 'candidate'}"
         else:
             delta = change(metric, base, cand)
-            note = not_comparable(path, baseline, candidate) or ""
-            result = SKIPPED if note else verdict(metric, delta, threshold)
-        rows.append(Row(path, metric.unit, metric.kind, base, cand, delta, threshold, result, note))
+            norm, norm_note = _normalised_change(metric, baseline, candidate, base, cand)
+            if norm is None:
+                by = RAW
+            skipped = not_comparable(path, baseline, candidate)
+            note = skipped or norm_note
+            result = SKIPPED if skipped else verdict(metric, norm if by == NORMALISED else delta, threshold)
+        rows.append(Row(path, metric.unit, metric.kind, base, cand, delta, threshold, result, note,
+                        normalised_change=norm, decided_by=by))
     return rows
 
 
@@ -152,10 +213,20 @@ def _number(value: float | None, unit: str) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
-def _change(row: Row) -> str:
-    if row.change is None:
+def _change(row: Row, form: str = RAW) -> str:
+    value = row.normalised_change if form == NORMALISED else row.change
+    if value is None:
         return "-"
-    return f"{row.change:+.4f}" if row.kind == "absolute" else f"{row.change:+.1%}"
+    # round() then + 0.0: a change of -1e-17 (float noise of a normalisation) shows as +0.0%, not -0.0%.
+    return f"{round(value, 4) + 0.0:+.4f}" if row.kind == "absolute" else f"{round(value, 3) + 0.0:+.1%}"
+
+
+def _decided_change(row: Row) -> str:
+    """The change the verdict is of, saying which form it is when there are two."""
+    if row.normalised_change is None:
+        return _change(row)
+    other = RAW if row.decided_by == NORMALISED else NORMALISED
+    return f"{_change(row, row.decided_by)} {row.decided_by} ({_change(row, other)} {other})"
 
 
 def _threshold(row: Row) -> str:
@@ -167,13 +238,16 @@ def table(rows: list[Row], title: str) -> Table:
     out = Table(title=title)
     out.add_column("metric", no_wrap=True)
     out.add_column("unit")
-    for name in ("baseline", "candidate", "change", "threshold"):
+    for name in ("baseline", "candidate", "change", "normalised", "threshold"):
         out.add_column(name, justify="right")
+    out.add_column("by")  # which change decided the verdict
     out.add_column("verdict")
     for row in rows:
         shown = f"{row.verdict} ({row.note})" if row.note else row.verdict
         out.add_row(row.metric, row.unit, _number(row.baseline, row.unit), _number(row.candidate, row.unit),
-                    _change(row), _threshold(row), Text(shown, style=VERDICT_STYLES[row.verdict]))
+                    _change(row), _change(row, NORMALISED), _threshold(row),
+                    "-" if row.verdict in (MISSING, SKIPPED) else row.decided_by,
+                    Text(shown, style=VERDICT_STYLES[row.verdict]))
     return out
 
 
@@ -209,6 +283,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override one metric's threshold (a fraction for relative metrics); repeatable")
     parser.add_argument("--relative-scale", type=_scale_arg, default=1.0, metavar="X",
                         help="multiply every default relative threshold by X, e.g. 2 on noisy CI machines")
+    parser.add_argument("--raw", action="store_true",
+                        help="judge the raw changes even when both files have machine.measured "
+                             "(by default speeds and times are judged per unit of the measured machine)")
     return parser.parse_args(argv)
 
 
@@ -226,15 +303,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: baseline {args.baseline}: {problem}; compare against a succeeded run", file=sys.stderr)
         return 2
 
-    rows = compare(baseline, candidate, effective_thresholds(dict(args.threshold), args.relative_scale))
+    rows = compare(baseline, candidate, effective_thresholds(dict(args.threshold), args.relative_scale), raw=args.raw)
     console = Console()
     if not console.is_terminal:
-        console.width = 160  # logs and pipes have no width; rich's 80-column default would cut the numbers
+        console.width = 180  # logs and pipes have no width; rich's 80-column default would cut the numbers
     console.print(table(rows, f"{baseline['run_id']} (baseline) -> {candidate['run_id']} (candidate)"))
     if baseline["profile"] != candidate["profile"]:
         console.print(Text(f"note: the profiles differ ({baseline['profile']} vs {candidate['profile']}); "
                            "figures of different scales are compared"))
-    failures = [f"{row.metric} regressed: {_change(row)} (threshold {_threshold(row)})"
+    if lacking := unmeasured(baseline, candidate):
+        console.print(Text(f"note: no machine.measured in the {' and '.join(lacking)}: "
+                           "verdicts use raw changes, which move with the machine as well as the code"))
+    elif args.raw:
+        console.print(Text("note: --raw: verdicts use raw changes, not those normalised by the measured machines"))
+    failures = [f"{row.metric} regressed: {_decided_change(row)} (threshold {_threshold(row)})"
                 for row in rows if row.verdict == REGRESSION]
     if problem := status_problem(candidate):
         failures.insert(0, f"candidate {problem}")

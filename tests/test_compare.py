@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import BETTER, MISSING, OK, REGRESSION, SKIPPED, Row, compare, effective_thresholds, main
+from bench.compare import (BETTER, MISSING, NORMALISED, OK, RAW, REGRESSION, SKIPPED, Row, compare,
+                           effective_thresholds, main)
+from bench.schema import validate
 from tests.test_schema import failed_in_preprocess, succeeded_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,3 +107,123 @@ def test_an_invalid_file_exits_2_with_the_path(tmp_path, capsys):
     broken["stages"]["evaluate"]["auc"] = 1.5
     assert main([write(tmp_path, "base", succeeded_run()), write(tmp_path, "cand", broken)]) == 2
     assert "stages.evaluate.auc: 1.5 is greater than the maximum of 1" in capsys.readouterr().err
+
+
+# Normalised by the measured machine: figures from a real run's machine.measured.
+MEASURED = {"gemm_gflops": {"fp32": 90.70493344607418, "bf16": 186.30042594922617},
+            "machine_gemm_gflops": {"fp32": 181.40986689214836, "bf16": 372.60085189845233},
+            "bf16_native": True, "memory_gb_per_s": 20.542204614117633, "threads_per_rank": 1, "ranks": 2,
+            "seconds": 3.202}
+SPEEDS = ("stages.data.rows_per_s", "stages.preprocess.rows_per_s", "stages.train.samples_per_s",
+          "stages.inference.samples_per_s")
+TIMES = ("stages.inference.latency_ms.p50", "stages.inference.latency_ms.p99", "stages.data.seconds",
+         "stages.preprocess.seconds", "stages.train.seconds", "stages.evaluate.seconds", "stages.inference.seconds",
+         "total_seconds")
+
+
+def measured_run(gemm_scale: float = 1.0, precision: str | None = None) -> dict:
+    run = succeeded_run()
+    run["machine"]["measured"] = json.loads(json.dumps(MEASURED))
+    for rates in (run["machine"]["measured"]["gemm_gflops"], run["machine"]["measured"]["machine_gemm_gflops"]):
+        for dtype in rates:
+            rates[dtype] *= gemm_scale
+    if precision:
+        run["stages"]["train"]["precision"] = precision
+    return run
+
+
+def slow_down(run: dict, factor: float, paths: tuple[str, ...] = SPEEDS + TIMES) -> dict:
+    """Speeds times ``factor``, times divided by it: the same run going ``factor`` as fast."""
+    for path in paths:
+        *parents, last = path.split(".")
+        node = run
+        for key in parents:
+            node = node[key]
+        node[last] = node[last] * factor if path in SPEEDS else node[last] / factor
+    return run
+
+
+def test_a_machine_30_percent_slower_is_not_a_regression_normalised_but_is_raw(tmp_path, capsys):
+    baseline, candidate = measured_run(), slow_down(measured_run(gemm_scale=0.7), 0.7)
+    validate(candidate)
+    rows = compare(baseline, candidate, {})
+    for path in SPEEDS + TIMES:
+        got = row(rows, path)
+        assert got.decided_by == NORMALISED and got.normalised_change == pytest.approx(0, abs=1e-9), path
+        assert got.verdict == OK, path
+    assert row(rows, "stages.train.samples_per_s").change == pytest.approx(-0.3)
+    assert row(rows, "stages.inference.latency_ms.p99").change == pytest.approx(1 / 0.7 - 1)
+    auc = row(rows, "stages.evaluate.auc")
+    assert auc.decided_by == RAW and auc.normalised_change is None  # AUC does not scale with the machine
+
+    raw = compare(baseline, candidate, {}, raw=True)
+    assert row(raw, "stages.train.samples_per_s").verdict == REGRESSION
+    assert {r.decided_by for r in raw} == {RAW}
+    assert row(raw, "stages.train.samples_per_s").normalised_change == pytest.approx(0, abs=1e-9)  # still shown
+
+    files = [write(tmp_path, "base", baseline), write(tmp_path, "cand", candidate)]
+    assert main(files) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "normalised" in out and "-30.0%" in out
+    assert main([*files, "--raw"]) == 1
+    out = capsys.readouterr().out
+    assert "stages.train.samples_per_s regressed: -30.0% raw (+0.0% normalised)" in out and "--raw" in out
+
+
+def test_a_run_30_percent_slower_on_the_same_measured_machine_regresses(tmp_path, capsys):
+    baseline, candidate = measured_run(), slow_down(measured_run(), 0.7)
+    rows = compare(baseline, candidate, {})
+    for path in SPEEDS + TIMES:
+        got = row(rows, path)
+        assert got.decided_by == NORMALISED and got.normalised_change == pytest.approx(got.change), path
+        # Evaluation's loose 50% threshold lets its wall time grow by 43%.
+        assert got.verdict == (OK if path == "stages.evaluate.seconds" else REGRESSION), path
+    assert main([write(tmp_path, "base", baseline), write(tmp_path, "cand", candidate)]) == 1
+    assert "stages.train.samples_per_s regressed: -30.0% normalised (-30.0% raw)" in capsys.readouterr().out
+
+
+def test_a_slower_machine_does_not_hide_a_slower_code():
+    # 30% less GEMM but 50% fewer samples/s: per GFLOP/s the code is 29% slower.
+    candidate = slow_down(measured_run(gemm_scale=0.7), 0.5, ("stages.train.samples_per_s",))
+    got = row(compare(measured_run(), candidate, {}), "stages.train.samples_per_s")
+    assert got.normalised_change == pytest.approx(0.5 / 0.7 - 1) and got.verdict == REGRESSION
+
+
+def test_training_is_normalised_by_the_gemm_rate_of_its_precision():
+    # Only the bf16 GEMM rate fell: bf16 training may be slower by as much, fp32 inference may not.
+    candidate = measured_run(precision="bf16")
+    candidate["machine"]["measured"]["machine_gemm_gflops"]["bf16"] *= 0.7
+    slow_down(candidate, 0.7, ("stages.train.samples_per_s", "stages.inference.samples_per_s"))
+    rows = compare(measured_run(precision="bf16"), candidate, {})
+    assert row(rows, "stages.train.samples_per_s").verdict == OK
+    assert row(rows, "stages.inference.samples_per_s").verdict == REGRESSION
+    # A file without stages.train.precision trained in fp32, and is normalised by the fp32 rate.
+    del candidate["stages"]["train"]["precision"]
+    got = row(compare(measured_run(precision="bf16"), candidate, {}), "stages.train.samples_per_s")
+    assert got.normalised_change == pytest.approx(0.7 / MEASURED["machine_gemm_gflops"]["fp32"]
+                                                  * MEASURED["machine_gemm_gflops"]["bf16"] - 1)
+    assert got.note == "per machine_gemm_gflops.bf16 vs machine_gemm_gflops.fp32"
+
+
+@pytest.mark.parametrize("unmeasured", ["baseline", "candidate", "baseline and candidate"])
+def test_files_without_machine_measured_fall_back_to_raw_and_say_so(tmp_path, capsys, unmeasured):
+    files = {"baseline": measured_run(), "candidate": slow_down(measured_run(gemm_scale=0.7), 0.7)}
+    for role in unmeasured.split(" and "):
+        del files[role]["machine"]["measured"]
+    rows = compare(files["baseline"], files["candidate"], {})
+    assert {r.decided_by for r in rows} == {RAW} and all(r.normalised_change is None for r in rows)
+    assert row(rows, "stages.train.samples_per_s").verdict == REGRESSION
+    assert main([write(tmp_path, "base", files["baseline"]), write(tmp_path, "cand", files["candidate"])]) == 1
+    out = capsys.readouterr().out
+    assert f"no machine.measured in the {unmeasured}: verdicts use raw changes" in out
+    assert "stages.train.samples_per_s regressed: -30.0% (threshold 10%)" in out
+
+
+def test_a_measured_file_lacking_the_figure_falls_back_to_raw_for_that_metric():
+    candidate = slow_down(measured_run(gemm_scale=0.7, precision="bf16"), 0.7, ("stages.train.samples_per_s",))
+    del candidate["machine"]["measured"]["machine_gemm_gflops"]["bf16"]
+    rows = compare(measured_run(precision="bf16"), candidate, {})
+    got = row(rows, "stages.train.samples_per_s")
+    assert got.decided_by == RAW and got.verdict == REGRESSION
+    assert got.note == "raw: no machine.measured.machine_gemm_gflops.bf16 in candidate"
+    assert row(rows, "stages.inference.samples_per_s").decided_by == NORMALISED
