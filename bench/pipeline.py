@@ -217,18 +217,21 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement) -> None:
     cfg = run.cfg
     ranks = cfg.inference.ranks
     single = cluster.Placement(place.nodes[:1])
+    gflops = run.results["machine"]["measured"]["machine_gemm_gflops"]["fp32"]
     with run.stage("inference") as rec:
-        with run.reporter.task("inference", total=None):
+        with run.reporter.task("inference sweep and variants", total=None):
             launch.run(
                 single, ranks, "dlrm.inference",
                 ["--config", str(run.dir / "config.json"), "--data", str(data), "--checkpoint", str(run.dir / "model.pt"),
-                 "--out", str(run.dir)],
+                 "--out", str(run.dir), "--gemm-gflops", str(gflops)],
                 run.logs / "inference.log", max(1, single.nodes[0]["cpus"] // ranks),
             )
         out = read_json(run.dir / "inference.json")
-        rec.update(samples_per_s=out["samples_per_s"], latency_ms=out["latency_ms"], batch_size=out["batch_size"],
-                   batches=out["batches"], ranks=out["ranks"])
-        rec["roofline_fraction"] = roofline_fraction(run, out["samples_per_s"], "fp32", training=False)
+        keys = ("samples_per_s", "latency_ms", "batch_size", "batches", "ranks", "sweep", "best", "variants",
+                "flops_per_sample")
+        rec.update({k: out[k] for k in keys})
+        # The fraction at the batch size that maximises throughput.
+        rec["roofline_fraction"] = round(out["roofline_fraction"], 4)
 
 
 def execute(run: Run) -> None:

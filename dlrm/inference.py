@@ -1,36 +1,73 @@
-"""Inference throughput and latency of a trained DLRM on CPU ranks.
+"""Inference benchmark of a trained DLRM on CPU ranks: batch-size sweep, precision variants, roofline.
 
     [mpiexec -n R ...] python -m dlrm.inference --config RUN/config.json --data PROCESSED_DIR \\
-        --checkpoint RUN_DIR/model.pt --out RUN_DIR
+        --checkpoint RUN_DIR/model.pt --out RUN_DIR [--gemm-gflops X]
 
-Each rank loads the checkpoint and scores its contiguous shard of the ``val`` split
-in batches of inference.batch_size: inference.warmup_batches untimed, then up to
-inference.max_batches timed. Only the forward pass is timed (the batch is already in
-tensors), so the numbers are the model's, not the loader's. The ranks run side by
-side on one node, so the node's throughput is the sum of theirs. Rank 0 writes
-RUN_DIR/inference.json.
+Timing. Before any clock starts, each rank reads rows of its contiguous shard of the
+``val`` split into tensors once; every batch is then a slice of those tensors, so the
+latencies are the forward pass alone, with no loader cost in them. A point (one
+batch size) is inference.warmup_batches untimed batches, then timed batches of
+distinct rows until inference.max_batches or inference.seconds_per_point is reached
+(the batch that crosses the time budget still counts, so every point has at least
+one). Batches are full, unless the shard is shorter than one: then its rows are one
+short batch (samples/s counts the rows actually scored). The warm-up batches use the
+rows after the timed ones, so the timed rows' embeddings are not cache-hot. The ranks run
+side by side on one node and a barrier starts each point's timed loop on all of them
+together, so the node's throughput is the sum of the ranks'; latency percentiles are
+over all the ranks' batches. The fp32 model is timed at every size of
+inference.sweep_batch_sizes and at inference.batch_size (always a sweep point).
+
+Variants (inference.variants, fp32 always among them):
+  fp32  the checkpoint as trained;
+  bf16  the same model run under CPU autocast to bfloat16;
+  int8  dynamic quantization of the MLPs' Linear layers to qint8 (weights quantized once,
+        activations per batch); the embedding tables stay fp32.
+Each variant is timed at inference.batch_size and scored on the whole val split at that
+batch size (int8's activation scales depend on the batch), with exact AUC and log loss
+gathered from every rank's shard as training's evaluation does, so a faster variant
+cannot hide an accuracy loss.
+
+Roofline. flops_per_sample is the forward pass's arithmetic (dlrm.roofline). Given
+--gemm-gflops, the fp32 GEMM GFLOP/s of all the ranks together, every sweep point gets
+the share of that compute ceiling its samples/s reaches.
+
+Rank 0 writes RUN_DIR/inference.json; a "point" is {batch_size, samples_per_s (summed over
+ranks), latency_ms {p50, p99, mean}, batches and rows (over all ranks), ranks,
+threads_per_rank, per_rank_samples_per_s}:
+    the fp32 point at inference.batch_size, spread at the top level
+    warmup_batches, seconds_per_point, ipex {used, reason}
+    sweep             [point (+ roofline_fraction)] by batch size
+    best              {batch_size, samples_per_s} of the fastest sweep point
+    variants          {name: {auc, logloss, accuracy, samples_per_s, latency_ms, batches}}
+    val_rows, flops_per_sample
+    gemm_gflops, roofline_fraction (the best point's)     only with --gemm-gflops
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch import nn
 
 from bench import config as bench_config
-from bench.config import ModelConfig
+from bench.config import InferenceConfig, ModelConfig
 from bench.fsutil import atomic_write_json
-from dlrm import data, dist, runner
+from dlrm import data, dist, roofline, runner, train
 from dlrm.data import Range
 from dlrm.model import DLRM
 from preprocess.layout import ProcessedData
 
 PROG = "dlrm.inference"
+
+Inputs = tuple[torch.Tensor, torch.Tensor]  # dense [n, 13], ids [n, 26]: the rows timed batches slice
 
 
 def load_model(checkpoint: Path) -> DLRM:
@@ -40,13 +77,60 @@ def load_model(checkpoint: Path) -> DLRM:
     return model.eval()
 
 
-def maybe_ipex(model: DLRM) -> tuple[torch.nn.Module, tuple[bool, str]]:
-    status = dist.ipex_status()
-    if not status[0]:
-        return model, status
-    import intel_extension_for_pytorch as ipex  # only reached when the import is known to work
+class Autocast(nn.Module):
+    """Runs the wrapped model under CPU bf16 autocast and returns float32 logits, as the fp32 model does."""
 
-    return ipex.optimize(model, dtype=torch.float32), status
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(dense, ids).float()
+
+
+def quantize_int8(model: DLRM) -> nn.Module:
+    """A copy of ``model`` whose Linear layers are dynamically quantized to qint8.
+
+    The copy shares the embedding tables with ``model`` (they are not quantized, and
+    copying them could double the memory of a large model).
+    """
+    shared = {id(weight): weight for weight in model.embedding_parameters()}
+    copied = copy.deepcopy(model, memo=shared)
+    with warnings.catch_warnings():
+        # torch.ao.quantization announces its move to torchao; dynamic quantization still works as documented.
+        warnings.filterwarnings("ignore", message=".*deprecated")
+        return torch.ao.quantization.quantize_dynamic(copied, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def ipex_optimize(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    import intel_extension_for_pytorch as ipex  # only called when dist.ipex_status() said it works
+
+    return ipex.optimize(model, dtype=dtype)
+
+
+def build_variant(model: DLRM, name: str, use_ipex: bool) -> nn.Module:
+    """``model`` as it runs in variant ``name`` (see the module docstring); ``model`` is left unchanged."""
+    if name == "int8":
+        return quantize_int8(model)
+    if name == "bf16":
+        # IPEX's bf16 path converts the weights and expects autocast around the call, like plain torch.
+        return Autocast(ipex_optimize(model, torch.bfloat16) if use_ipex else model)
+    if name == "fp32":
+        return ipex_optimize(model, torch.float32) if use_ipex else model
+    raise ValueError(f"unknown inference variant {name!r}")
+
+
+def pool_rows(inf: InferenceConfig, shard_rows: int, sizes: list[int]) -> int:
+    """Rows to read for timing: enough for every point's timed and warm-up batches, within the shard."""
+    return min(shard_rows, max(sizes) * (inf.max_batches + inf.warmup_batches))
+
+
+def timing_inputs(split: ProcessedData, shard: Range, rows: int) -> Inputs:
+    """The first ``rows`` rows of this rank's shard, read into tensors once."""
+    start, stop = shard
+    dense, ids, _ = data.read_batch(split, (start, min(stop, start + rows)))
+    return dense, ids
 
 
 def plan(shard: Range, batch_size: int, warmup: int, max_batches: int) -> tuple[list[Range], list[Range]]:
@@ -66,32 +150,39 @@ def plan(shard: Range, batch_size: int, warmup: int, max_batches: int) -> tuple[
 
 
 @torch.inference_mode()
-def measure(model: torch.nn.Module, split: ProcessedData, warm: list[Range], timed: list[Range]) -> dict:
-    """Per-batch forward latencies (seconds) and rows scored on this rank."""
-    for rows in warm:
-        dense, ids, _ = data.read_batch(split, rows)
-        model(dense, ids)
+def time_point(model: nn.Module, inputs: Inputs, batch_size: int, inf: InferenceConfig) -> dict:
+    """This rank's per-batch forward latencies (seconds) at one batch size, and the rows they scored."""
+    dense, ids = inputs
+    warm, timed = plan((0, len(dense)), batch_size, inf.warmup_batches, inf.max_batches)
+    for start, stop in warm:
+        model(dense[start:stop], ids[start:stop])
     torch_dist.barrier()  # the ranks' timed loops run side by side
-    latencies = []
-    for rows in timed:
-        dense, ids, _ = data.read_batch(split, rows)
-        start = time.perf_counter()
-        model(dense, ids)
-        latencies.append(time.perf_counter() - start)
-    return {"latencies": latencies, "rows": sum(stop - start for start, stop in timed)}
+    latencies, rows = [], 0
+    deadline = time.perf_counter() + inf.seconds_per_point
+    for start, stop in timed:
+        batch = dense[start:stop], ids[start:stop]  # views: slicing stays outside the clock anyway
+        begin = time.perf_counter()
+        model(*batch)
+        end = time.perf_counter()
+        latencies.append(end - begin)
+        rows += stop - start
+        if end >= deadline:
+            break
+    return {"latencies": latencies, "rows": rows}
 
 
 def summarise(per_rank: list[dict], batch_size: int, threads: int) -> dict:
+    """One point from every rank's latencies: the ranks ran side by side, so their rates add up."""
     latencies_ms = np.concatenate([np.asarray(r["latencies"]) for r in per_rank]) * 1000.0
     rates = [r["rows"] / sum(r["latencies"]) for r in per_rank]
     return {
+        "batch_size": batch_size,
         "samples_per_s": float(sum(rates)),
         "latency_ms": {
             "p50": float(np.percentile(latencies_ms, 50)),
             "p99": float(np.percentile(latencies_ms, 99)),
             "mean": float(latencies_ms.mean()),
         },
-        "batch_size": batch_size,
         "batches": len(latencies_ms),
         "rows": int(sum(r["rows"] for r in per_rank)),
         "ranks": len(per_rank),
@@ -100,12 +191,79 @@ def summarise(per_rank: list[dict], batch_size: int, threads: int) -> dict:
     }
 
 
+def measure(rank: runner.Rank, model: nn.Module, inputs: Inputs, batch_size: int, inf: InferenceConfig) -> dict:
+    """One point, timed on every rank and summarised over all of them (on every rank)."""
+    per_rank = dist.all_gather(time_point(model, inputs, batch_size, inf))
+    point = summarise(per_rank, batch_size, rank.pinning["threads"])
+    latency = point["latency_ms"]
+    runner.log(rank, f"{PROG}:   batch {batch_size}: {point['samples_per_s']:.0f} samples/s, latency p50 "
+                     f"{latency['p50']:.3f} ms, p99 {latency['p99']:.3f} ms over {point['batches']} batches")
+    return point
+
+
+def benchmark(rank: runner.Rank, model: DLRM, val: ProcessedData, inputs: Inputs, sizes: list[int],
+              inf: InferenceConfig, use_ipex: bool) -> tuple[list[dict], dict[str, dict]]:
+    """The fp32 sweep over ``sizes``, and every variant's val scores next to its speed at
+    inf.batch_size (the variants on rank 0 only: the scores are gathered there)."""
+    sweep: list[dict] = []
+    variants: dict[str, dict] = {}
+    for name in inf.variants:  # fp32 is always among them (see InferenceConfig)
+        runner.log(rank, f"{PROG}: {name}")
+        variant = build_variant(model, name, use_ipex)
+        if name == "fp32":
+            sweep = [measure(rank, variant, inputs, size, inf) for size in sizes]
+            point = sweep[sizes.index(inf.batch_size)]
+        else:
+            point = measure(rank, variant, inputs, inf.batch_size, inf)
+        scores = train.evaluate(rank, variant, val, inf.batch_size)
+        if rank.is_main:
+            runner.log(rank, f"{PROG}:   val AUC {scores['auc']}, logloss {scores['logloss']:.5f}")
+            variants[name] = {"auc": scores["auc"], "logloss": scores["logloss"], "accuracy": scores["accuracy"],
+                              "samples_per_s": point["samples_per_s"], "latency_ms": point["latency_ms"],
+                              "batches": point["batches"]}
+    return sweep, variants
+
+
+def report(sweep: list[dict], variants: dict[str, dict], cfg: bench_config.Config, val_rows: int,
+           ipex: tuple[bool, str], gemm_gflops: float | None) -> dict:
+    """inference.json (see the module docstring)."""
+    inf = cfg.inference
+    best = max(sweep, key=lambda p: p["samples_per_s"])
+    flops = roofline.flops_per_sample(cfg.model, training=False)
+    result = {
+        **next(p for p in sweep if p["batch_size"] == inf.batch_size),
+        "warmup_batches": inf.warmup_batches,
+        "seconds_per_point": inf.seconds_per_point,
+        "ipex": {"used": ipex[0], "reason": ipex[1]},
+        "sweep": sweep,
+        "best": {"batch_size": best["batch_size"], "samples_per_s": best["samples_per_s"]},
+        "variants": variants,
+        "val_rows": val_rows,
+        "flops_per_sample": flops,
+    }
+    if gemm_gflops is not None:
+        for point in sweep:
+            point["roofline_fraction"] = roofline.roofline_fraction(point["samples_per_s"], flops, gemm_gflops)
+        result["gemm_gflops"] = gemm_gflops
+        result["roofline_fraction"] = best["roofline_fraction"]
+    return result
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="resolved run configuration (config.json)")
     parser.add_argument("--data", type=Path, required=True, help="processed data folder (has manifest.json)")
     parser.add_argument("--checkpoint", type=Path, required=True, help="model.pt written by dlrm.train")
     parser.add_argument("--out", type=Path, required=True, help="run folder for inference.json")
+    parser.add_argument("--gemm-gflops", type=positive_float,
+                        help="fp32 GEMM GFLOP/s of all the ranks together: adds roofline fractions")
     return parser.parse_args(argv)
 
 
@@ -116,20 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     # Gloo only gathers the results here; no gradients, so no need for a faster backend.
     rank = runner.start(cfg, "gloo", expected_ranks=inf.ranks, prog=PROG)
     info = rank.info
+    ipex = dist.ipex_status()
 
-    model, ipex = maybe_ipex(load_model(args.checkpoint))
+    model = load_model(args.checkpoint)
     val = ProcessedData(args.data, "val")
-    warm, timed = plan(data.shard_range(len(val), info.rank, info.world_size),
-                       inf.batch_size, inf.warmup_batches, inf.max_batches)
+    sizes = sorted({*inf.sweep_batch_sizes, inf.batch_size})
+    shard = data.shard_range(len(val), info.rank, info.world_size)
+    inputs = timing_inputs(val, shard, pool_rows(inf, shard[1] - shard[0], sizes))
     runner.log(rank, f"{PROG}: {info.world_size} ranks, {rank.pinning['threads']} threads/rank, ipex: {ipex[1]}; "
-                     f"{len(warm)} warm-up + {len(timed)} timed batches of {inf.batch_size} per rank")
-    mine = measure(model, val, warm, timed)
-    per_rank = dist.all_gather(mine)
+                     f"batch sizes {sizes}, variants {inf.variants} at batch {inf.batch_size}")
+    sweep, variants = benchmark(rank, model, val, inputs, sizes, inf, ipex[0])
     if rank.is_main:
-        result = {**summarise(per_rank, inf.batch_size, rank.pinning["threads"]),
-                  "warmup_batches": len(warm), "ipex": {"used": ipex[0], "reason": ipex[1]}}
-        runner.log(rank, f"{PROG}: {result['samples_per_s']:.0f} samples/s, latency p50 "
-                         f"{result['latency_ms']['p50']:.2f} ms, p99 {result['latency_ms']['p99']:.2f} ms")
+        result = report(sweep, variants, cfg, len(val), ipex, args.gemm_gflops)
+        runner.log(rank, f"{PROG}: {result['samples_per_s']:.0f} samples/s at batch {inf.batch_size}; best "
+                         f"{result['best']['samples_per_s']:.0f} samples/s at batch {result['best']['batch_size']}")
         atomic_write_json(args.out / "inference.json", result)
     torch_dist.barrier()
     return 0

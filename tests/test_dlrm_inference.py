@@ -1,0 +1,180 @@
+"""dlrm.inference: the batch-size sweep, the precision variants and their accuracy, the roofline fraction.
+
+A tiny-profile DLRM is trained in-process for a second on learnable data (the labels follow
+the column-0 id's parity), saved as dlrm.train saves it, then benchmarked alone without a
+launcher and on 2 mpiexec ranks.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+from torch import nn
+
+from bench.config import ConfigError, resolve
+from dlrm import data, roofline, runner, train
+from dlrm.inference import Autocast, build_variant, load_model, timing_inputs
+from preprocess.layout import ProcessedData
+from tests.test_dlrm_data import VOCAB, write_processed
+from tests.test_dlrm_end_to_end import run
+
+ROWS = {"train": 8192, "test": 10, "val": 3000}
+TRAIN_BATCH = 256
+GEMM_GFLOPS = 50.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> dict:
+    """A trained tiny model's checkpoint, its data, and its run folder with config.json."""
+    root = tmp_path_factory.mktemp("inference")
+    processed = write_processed(root / "processed", ROWS)
+    cfg = resolve("tiny")
+    torch.sparse.check_sparse_tensor_invariants.disable()  # the default, made explicit (as dlrm.train does)
+    model, optimizers, _ = train.build_model(VOCAB, cfg)
+    loss_fn = nn.BCEWithLogitsLoss()
+    for dense, ids, labels in data.train_batches(ProcessedData(processed, "train"), TRAIN_BATCH, 0, 1):
+        loss = loss_fn(model(dense, ids), labels)
+        for opt in optimizers:
+            opt.zero_grad()
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+    run_dir = root / "run"
+    runner.save_atomically({"state_dict": model.state_dict(), "vocab_sizes": VOCAB,
+                            "model_config": cfg.model.model_dump(mode="json")}, run_dir / "model.pt")
+    return {"dir": run_dir, "data": processed, "model": run_dir / "model.pt"}
+
+
+def infer(checkpoint: dict, name: str, overrides: list[str], ranks: int | None, extra: list[str] = ()) -> dict:
+    """inference.json of dlrm.inference run on the checkpoint with the tiny profile and ``overrides``."""
+    out = checkpoint["dir"] / name
+    out.mkdir()
+    config = out / "config.json"
+    config.write_text(json.dumps(resolve("tiny", overrides).to_json()))
+    run(["-m", "dlrm.inference", "--config", str(config), "--data", str(checkpoint["data"]),
+         "--checkpoint", str(checkpoint["model"]), "--out", str(out), *extra], ranks=ranks)
+    return json.loads((out / "inference.json").read_text())
+
+
+def val_reference(checkpoint: dict) -> dict:
+    """AUC and log loss of the fp32 model on every val row, straight from sklearn."""
+    val = ProcessedData(checkpoint["data"], "val")
+    dense, ids, labels = data.read_batch(val, (0, len(val)))
+    with torch.inference_mode():
+        probs = torch.sigmoid(load_model(checkpoint["model"])(dense, ids)).numpy()
+    return {"auc": roc_auc_score(labels.numpy(), probs),
+            "logloss": log_loss(labels.numpy(), probs.astype(np.float64), labels=[0, 1])}
+
+
+def check_sweep(result: dict, sizes: list[int]) -> None:
+    """One point per batch size with positive throughput, ordered latencies, and the top level's point."""
+    assert [p["batch_size"] for p in result["sweep"]] == sizes
+    for point in result["sweep"]:
+        latency = point["latency_ms"]
+        assert point["samples_per_s"] > 0 and 0 < latency["p50"] <= latency["p99"] and latency["mean"] > 0
+        assert point["rows"] == point["batches"] * point["batch_size"]
+        assert len(point["per_rank_samples_per_s"]) == result["ranks"]
+    configured = next(p for p in result["sweep"] if p["batch_size"] == result["batch_size"])
+    # The top level is that point, but for the roofline fraction, which is the best point's.
+    assert all(result[key] == value for key, value in configured.items() if key != "roofline_fraction")
+    best = max(result["sweep"], key=lambda p: p["samples_per_s"])
+    assert result["best"] == {"batch_size": best["batch_size"], "samples_per_s": best["samples_per_s"]}
+
+
+def check_variants(result: dict, names: list[str], reference: dict) -> None:
+    """fp32 scores are sklearn's on all val rows; no variant loses more than 0.01 AUC."""
+    variants = result["variants"]
+    assert list(variants) == names and result["val_rows"] == ROWS["val"]
+    fp32 = variants["fp32"]
+    assert fp32["auc"] > 0.75  # learnable data (Bayes AUC ~0.85): the comparison below means something
+    # Exact: one swapped pair of rows would move the AUC by 1 / (positives * negatives) ~ 5e-7.
+    assert fp32["auc"] == pytest.approx(reference["auc"], abs=1e-9)
+    assert fp32["logloss"] == pytest.approx(reference["logloss"], rel=1e-9)
+    assert fp32["samples_per_s"] == result["samples_per_s"] and fp32["latency_ms"] == result["latency_ms"]
+    for name, variant in variants.items():
+        assert abs(variant["auc"] - fp32["auc"]) < 0.01, name
+        assert abs(variant["logloss"] - fp32["logloss"]) < 0.01, name
+        assert variant["samples_per_s"] > 0 and variant["batches"] >= 1, name
+
+
+# --- pieces, in-process -----------------------------------------------------------------------------
+
+def test_int8_quantizes_the_linear_layers_and_shares_the_tables(checkpoint):
+    model = load_model(checkpoint["model"])
+    int8 = build_variant(model, "int8", use_ipex=False)
+    quantized = [m for m in int8.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(quantized) == 4 and not [m for m in int8.modules() if type(m) is nn.Linear]
+    assert all(m.weight().dtype == torch.qint8 for m in quantized)
+    # The tables are shared, not copied; the fp32 model is left as it was.
+    assert all(q.weight is w for q, w in zip(int8.embeddings, model.embedding_parameters()))
+    assert len([m for m in model.modules() if type(m) is nn.Linear]) == 4
+
+
+def test_bf16_gives_float32_probabilities_close_to_fp32(checkpoint):
+    model = load_model(checkpoint["model"])
+    bf16 = build_variant(model, "bf16", use_ipex=False)
+    assert isinstance(bf16, Autocast)
+    dense, ids, _ = data.read_batch(ProcessedData(checkpoint["data"], "val"), (0, 256))
+    with torch.inference_mode():
+        logits = bf16(dense, ids)
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(torch.sigmoid(logits), torch.sigmoid(model(dense, ids)), atol=0.02, rtol=0)
+
+
+def test_timing_inputs_are_the_shard_rows_in_the_loader_layout(tmp_path):
+    val = ProcessedData(write_processed(tmp_path, {"val": 50}, tag_rows=True), "val")
+    dense, ids = timing_inputs(val, (20, 50), rows=25)
+    assert dense[:, 0].long().tolist() == list(range(20, 45))
+    assert torch.equal(ids, data.read_batch(val, (20, 45)).ids)
+    assert ids.T.is_contiguous()  # each table's ids contiguous, as the model reads them
+    assert len(timing_inputs(val, (40, 50), rows=25)[0]) == 10  # never past the shard
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["inference.variants=[bf16,int8]"], "must include fp32"),
+    (["inference.variants=[fp32,fp32]"], "must not repeat"),
+    (["inference.variants=[fp32,fp16]"], "inference.variants.1='fp16'"),
+    (["inference.sweep_batch_sizes=[0]"], "inference.sweep_batch_sizes.0=0"),
+    (["inference.seconds_per_point=0"], "inference.seconds_per_point=0"),
+])
+def test_bad_inference_settings_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        resolve("tiny", overrides)
+
+
+# --- the entry point --------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_alone_without_a_launcher_sweeps_scores_and_places_on_the_roofline(checkpoint):
+    names = ["fp32", "bf16", "int8"]
+    # A budget no point reaches, even on a busy machine: max_batches bounds every point.
+    result = infer(checkpoint, "alone", [f"inference.variants=[{','.join(names)}]", "inference.max_batches=8",
+                                         "inference.seconds_per_point=600"],
+                   ranks=None, extra=["--gemm-gflops", str(GEMM_GFLOPS)])
+    assert result["ranks"] == 1 and result["batch_size"] == 512
+    check_sweep(result, [1, 64, 512])
+    # 3000 rows hold 5 full batches of 512: distinct timed rows cap that point below max_batches.
+    assert [p["batches"] for p in result["sweep"]] == [8, 8, 5]
+    check_variants(result, names, val_reference(checkpoint))
+
+    flops = roofline.flops_per_sample(resolve("tiny").model, training=False)
+    assert result["flops_per_sample"] == flops and result["gemm_gflops"] == GEMM_GFLOPS
+    for point in result["sweep"]:
+        assert point["roofline_fraction"] == pytest.approx(point["samples_per_s"] / (GEMM_GFLOPS * 1e9 / flops))
+    assert result["roofline_fraction"] == pytest.approx(result["best"]["samples_per_s"] / (GEMM_GFLOPS * 1e9 / flops))
+
+
+@pytest.mark.integration
+def test_two_ranks_add_up_and_score_every_val_row(checkpoint):
+    # A budget shorter than any batch: every rank times exactly one batch per point.
+    result = infer(checkpoint, "two-ranks", ["inference.ranks=2", "inference.seconds_per_point=1e-9",
+                                             "inference.sweep_batch_sizes=[1,64,1024]"], ranks=2)
+    assert result["ranks"] == 2 and len(result["per_rank_samples_per_s"]) == 2
+    check_sweep(result, [1, 64, 512, 1024])  # the configured batch size is always a point
+    assert [p["batches"] for p in result["sweep"]] == [2, 2, 2, 2]
+    assert result["samples_per_s"] == pytest.approx(sum(result["per_rank_samples_per_s"]))
+    check_variants(result, ["fp32", "int8"], val_reference(checkpoint))
+    assert "roofline_fraction" not in result and "gemm_gflops" not in result
