@@ -92,7 +92,8 @@ def _figure(name: str, rec: dict) -> str:
     if name == "data" and "rows_per_s" in rec:
         return f"{rec['rows_per_s']:,.0f} rows/s generated"
     if name == "preprocess" and "rows_per_s" in rec:
-        return f"{rec['rows_per_s']:,.0f} rows/s, {rec.get('rows_rejected', 0)} rejected{reused}"
+        floor = f" (parse floor {rec['parse_floor_rows_per_s']:,.0f})" if rec.get("parse_floor_rows_per_s") else ""
+        return f"{rec['rows_per_s']:,.0f} rows/s{floor}, {rec.get('rows_rejected', 0)} rejected{reused}"
     if name == "train" and "samples_per_s" in rec:
         return f"{rec['samples_per_s']:,.0f} samples/s"
     if name == "evaluate" and "auc" in rec:

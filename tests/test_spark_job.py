@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +46,7 @@ def job(local_spark, tmp_path_factory):
                    write_day(d / "day_1", [criteo_line(*r) for r in train_rows[400:]])]
     eval_files = [write_day(d / "day_2", [criteo_line(*r) for r in eval_rows] + bad[2:])]
     cfg = resolve("tiny", ["preprocess.engine=local", "preprocess.freq_threshold=2"]).preprocess
-    out = d.parent / "processed"
+    out = d / "processed"  # out.parent holds the day files
     manifest = spark_job.run(local_spark, cfg, train_files, eval_files, out)
     return manifest, out, train_rows, eval_rows
 
@@ -77,15 +83,15 @@ def test_ids_and_dense_values_are_exact(job):
     def ids(rows):
         return [tuple(vocabs[j].get(int(c[j], 16), 0) if c[j] else 0 for j in range(26)) for _, _, c in rows]
 
-    # the evaluation day keeps its line order (test = first half); training days may be read in any file order
+    # the evaluation day keeps its line order (test = first half); training rows keep file and line order
     assert list(zip(*[np.concatenate([test.cats[j], val.cats[j]]).tolist() for j in range(26)])) == ids(eval_rows)
-    assert sorted(zip(*[train.cats[j].tolist() for j in range(26)])) == sorted(ids(train_rows))
+    assert list(zip(*[train.cats[j].tolist() for j in range(26)])) == ids(train_rows)
     assert test.cats[0][5] == 0  # unseen value -> 0
     dense = np.concatenate([test.dense, val.dense])
     want = np.array([[math.log1p(max(int(x), 0)) if x else 0.0 for x in ints] for _, ints, _ in eval_rows], np.float32)
     np.testing.assert_allclose(dense, want, rtol=1e-6)
     assert np.concatenate([test.label, val.label]).tolist() == [lab for lab, _, _ in eval_rows]
-    assert sorted(train.label.tolist()) == sorted(lab for lab, _, _ in train_rows)
+    assert train.label.tolist() == [lab for lab, _, _ in train_rows]
 
 
 def test_ids_use_the_narrowest_unsigned_type(job):
@@ -102,3 +108,223 @@ def test_no_valid_training_rows_is_a_clear_error(local_spark, tmp_path):
     with pytest.raises(spark_job.PreprocessError, match="no valid rows"):
         spark_job.run(local_spark, cfg, [day], [day], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- output identity, accounting, options -----------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_manifest_records_every_output_file(job):
+    manifest, out, _, _ = job
+    files = manifest["files"]
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy"))
+    assert sorted(files) == on_disk and len(on_disk) == 3 * 28 + 26
+    for name, info in files.items():
+        array = np.load(out / name, mmap_mode="r")
+        assert info == {"sha256": _sha256(out / name), "shape": list(array.shape), "dtype": str(array.dtype)}
+    assert files["train/dense.npy"]["shape"] == [700, 13]
+
+
+def test_oov_rows_and_columns_are_counted(job):
+    manifest, _, train_rows, eval_rows = job
+    vocabs = [set(_expected_vocab(train_rows, j, threshold=2)) for j in range(26)]
+    oov = [[bool(c[j]) and int(c[j], 16) not in vocabs[j] for j in range(26)] for _, _, c in eval_rows]
+    halves = {"test": oov[:100], "val": oov[100:]}
+    assert manifest["oov_rows"] == {s: sum(any(r) for r in rows) for s, rows in halves.items()}
+    assert manifest["oov_per_column"] == {s: [sum(r[j] for r in rows) for j in range(26)] for s, rows in halves.items()}
+    assert manifest["oov_per_column"]["test"][0] >= 1  # the unseen 0badcafe
+
+
+def test_peak_memory_and_step_times_are_recorded(job):
+    timing = job[0]["timing"]
+    assert set(timing["steps_seconds"]) == {"parse_and_count", "vocabularies", "map_and_write", "checksums"}
+    assert timing["peak_rss_bytes"]["driver"] > 50 << 20  # this process and the JVM
+    assert timing["peak_rss_bytes"]["executors"] > 10 << 20  # Spark's Python workers
+
+
+def _job_in_subprocess(raw: Path, out: Path, scratch: Path, cores: int, split_bytes: int) -> dict:
+    """The job in a fresh local[cores] Spark (one JVM per process holds one session)."""
+    code = f"""
+import json, sys
+from pathlib import Path
+from bench import cluster
+from bench.config import resolve
+from preprocess import spark_job
+cfg = resolve("tiny", ["preprocess.engine=local", "preprocess.executors=1", "preprocess.executor_cores={cores}"])
+with cluster.spark_session(cfg.preprocess, Path({str(scratch)!r})) as spark:
+    m = spark_job.run(spark, cfg.preprocess, [Path({str(raw / "day_0")!r}), Path({str(raw / "day_1")!r})],
+                      [Path({str(raw / "day_2")!r})], Path({str(out)!r}), split_bytes={split_bytes})
+print("MANIFEST" + json.dumps(m))
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("MANIFEST", 1)[1])
+
+
+def test_output_is_byte_identical_whatever_the_cores_and_splits(job, local_spark, tmp_path):
+    manifest, out, _, _ = job
+    raw = out.parent
+    cfg = resolve("tiny", ["preprocess.engine=local", "preprocess.freq_threshold=2"]).preprocess
+    # local[2] with ranges of 9973 bytes: lines cut mid-way, dozens of tasks
+    small = spark_job.run(local_spark, cfg, [raw / "day_0", raw / "day_1"], [raw / "day_2"], tmp_path / "small",
+                          split_bytes=9973)
+    assert small["timing"]["input_ranges"] == 25
+    # local[1] in its own JVM, ranges of 1 MB: one task per file
+    one = _job_in_subprocess(raw, tmp_path / "one", tmp_path / "scratch", cores=1, split_bytes=1 << 20)
+    assert one["timing"]["input_ranges"] == 3
+    assert small["files"] == manifest["files"] == one["files"]
+    for name, info in manifest["files"].items():
+        assert _sha256(tmp_path / "small" / name) == _sha256(tmp_path / "one" / name) == info["sha256"]
+
+
+def test_max_ind_range_hashes_values_before_counting(job, local_spark, tmp_path):
+    _, out, train_rows, eval_rows = job
+    raw = out.parent
+    m = 7
+    cfg = resolve("tiny", ["preprocess.engine=local", "preprocess.freq_threshold=2", f"preprocess.max_ind_range={m}"]
+                  ).preprocess
+    manifest = spark_job.run(local_spark, cfg, [raw / "day_0", raw / "day_1"], [raw / "day_2"], tmp_path / "out")
+    hashed = [(lab, ints, [f"{int(c, 16) % m:08x}" if c else "" for c in cats]) for lab, ints, cats in train_rows]
+    for j in (0, 3, 25):
+        expected = _expected_vocab(hashed, j, threshold=2)
+        assert np.load(tmp_path / "out" / "vocab" / f"{cat_name(j)}.npy").tolist() == expected
+        assert max(expected) < m and manifest["vocab_sizes"][j] == len(expected) + 1
+    vocab = {v: i + 1 for i, v in enumerate(_expected_vocab(hashed, 0, threshold=2))}
+    test = ProcessedData(tmp_path / "out", "test")
+    assert test.cats[0].tolist() == [vocab.get(int(c[0], 16) % m, 0) if c[0] else 0 for _, _, c in eval_rows[:100]]
+    assert manifest["max_ind_range"] == m
+
+
+@pytest.mark.parametrize("split_bytes", [spark_job.SPLIT_BYTES, 9973])  # a gzip day in one chunk, or in many
+def test_gzip_days_read_like_plain_ones(job, local_spark, tmp_path, split_bytes):
+    manifest, out, _, _ = job
+    raw = out.parent
+    for day in ("day_0", "day_2"):
+        (tmp_path / f"{day}.gz").write_bytes(gzip.compress((raw / day).read_bytes()))
+    cfg = resolve("tiny", ["preprocess.engine=local", "preprocess.freq_threshold=2"]).preprocess
+    again = spark_job.run(local_spark, cfg, [tmp_path / "day_0.gz", raw / "day_1"], [tmp_path / "day_2.gz"],
+                          tmp_path / "out", split_bytes=split_bytes)
+    assert again["files"] == manifest["files"]
+    assert again["rows_rejected"] == manifest["rows_rejected"]
+    assert again["oov_rows"] == manifest["oov_rows"]
+
+
+def test_truncated_gzip_is_a_one_line_error_naming_the_file(local_spark, tmp_path):
+    lines = "".join(criteo_line(*r) for r in _rows(4, 300)).encode()
+    gz = tmp_path / "day_0.gz"
+    gz.write_bytes(gzip.compress(lines)[:-40])
+    cfg = resolve("tiny", ["preprocess.engine=local"]).preprocess
+    with pytest.raises(spark_job.PreprocessError) as err:
+        spark_job.run(local_spark, cfg, [gz], [gz], tmp_path / "out")
+    message = str(err.value)
+    assert "\n" not in message and str(gz) in message and "truncated gzip" in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+# --- parsing and input ranges, without Spark ------------------------------------------------------
+
+
+def _line(label="1", ints=None, cats=None) -> str:
+    return "\t".join([label, *(ints or ["1"] * 13), *(cats or ["0000abcd"] * 26)])
+
+
+@pytest.mark.parametrize(
+    "line, ok",
+    [
+        (_line(), True),
+        (_line(ints=[""] * 13, cats=[""] * 26), True),
+        (_line(ints=["-5", "007", "123456789012345678", "-123456789012345678"] + ["0"] * 9), True),
+        (_line(cats=["ABCDEF01", "ffffffff"] + [""] * 24), True),
+        (_line(label="01"), False),
+        (_line(label="2"), False),
+        (_line(label=""), False),
+        (_line(ints=["+5"] + ["1"] * 12), False),
+        (_line(ints=[" 5"] + ["1"] * 12), False),
+        (_line(ints=["0x10"] + ["1"] * 12), False),
+        (_line(ints=["1234567890123456789"] + ["1"] * 12), False),  # 19 digits
+        (_line(ints=["0000000000000000001"] + ["1"] * 12), False),  # 19 digits, small value
+        (_line(ints=["-"] + ["1"] * 12), False),
+        (_line(ints=["1-2"] + ["1"] * 12), False),
+        (_line(ints=["--1"] + ["1"] * 12), False),
+        (_line(ints=["1.5"] + ["1"] * 12), False),
+        (_line(cats=["0000abc"] + ["0000abcd"] * 25), False),
+        (_line(cats=["0000abcg"] + ["0000abcd"] * 25), False),
+        (_line(cats=["0000abcd0"] + ["0000abcd"] * 25), False),
+        (_line() + "\textra", False),
+        ("1\t2\t3", False),
+        ("", False),
+    ],
+)
+def test_parse_rules(line, ok):
+    buf = (_line() + "\n" + line + "\n" + _line() + "\n").encode()
+    parsed = spark_job.parse_chunk(buf)
+    assert (len(parsed), parsed.rejected) == ((3, 0) if ok else (2, 1))
+    if not ok:
+        assert parsed.sample == [line]
+
+
+def test_a_line_that_is_not_utf8_is_rejected_alone():
+    buf = (_line() + "\n").encode() + b"1\t\xff" + (_line()[1:] + "\n").encode()[2:] + (_line() + "\n").encode()
+    parsed = spark_job.parse_chunk(buf)
+    assert (len(parsed), parsed.rejected) == (2, 1)
+    assert "\ufffd" in parsed.sample[0]
+
+
+def test_parsed_values_are_exact():
+    lines = [_line("0", ["", "-3", "999999999999999999"] + ["0"] * 10,
+                   ["ffffffff", "", "0000000a"] + ["00000001"] * 23),
+             _line("1", ["1"] * 13, ["DEADBEEF"] + [""] * 25)]
+    parsed = spark_job.parse_chunk(("\n".join(lines) + "\n").encode())
+    assert parsed.label.tolist() == [0, 1]
+    assert [d[0] for d in parsed.dense[:3]] == [0.0, 0.0, np.float32(math.log1p(999999999999999999))]
+    assert parsed.sparse[0].to_pylist() == [0xFFFFFFFF, 0xDEADBEEF]
+    assert parsed.sparse[1].to_pylist() == [None, None]
+    assert parsed.sparse[2].to_pylist() == [10, None]
+    hashed = spark_job.parse_chunk(("\n".join(lines) + "\n").encode(), max_ind_range=1000)
+    assert hashed.sparse[0].to_pylist() == [0xFFFFFFFF % 1000, 0xDEADBEEF % 1000]
+
+
+def test_large_chunks_are_parsed_in_pieces(monkeypatch):
+    monkeypatch.setattr(spark_job, "PIECE_BYTES", 1000)
+    lines = [criteo_line(*r) for r in _rows(5, 60)] + ["bad\n"] + [criteo_line(*r) for r in _rows(6, 60)]
+    whole = "".join(lines).encode()
+    parsed = spark_job.parse_chunk(whole)
+    assert (len(parsed), parsed.rejected, parsed.sample) == (120, 1, ["bad"])
+    monkeypatch.setattr(spark_job, "PIECE_BYTES", 1 << 30)
+    assert parsed.batch().equals(spark_job.parse_chunk(whole).batch())
+
+
+@pytest.mark.parametrize("split_bytes", [1, 7, 100, 4096, 1 << 20])
+def test_input_ranges_cover_every_line_once(tmp_path, split_bytes):
+    lines = [f"{i}\t" + "x" * (i % 13) + "\n" for i in range(300)] + ["\n", "last line without newline"]
+    day = tmp_path / "day_0"
+    day.write_text("".join(lines))
+    empty = write_day(tmp_path / "day_1", [])
+    splits = spark_job.plan_splits([day, empty], [day], split_bytes)
+    assert [s.index for s in splits] == list(range(len(splits)))
+    train = b"".join(c for s in splits if s.train and s.path == str(day) for c in spark_job.read_chunks(s))
+    assert train == day.read_bytes()
+    assert all(not list(spark_job.read_chunks(s)) for s in splits if s.path == str(empty))
+    assert [s.train for s in splits].count(False) == max(1, -(-day.stat().st_size // split_bytes))
+
+
+def test_parse_floor_is_a_rate(tmp_path):
+    day = write_day(tmp_path / "day_0", [criteo_line(*r) for r in _rows(7, 500)] + ["bad line\n"])
+    assert spark_job.parse_floor_rows_per_s([day]) > 1000
+    assert spark_job.parse_floor_rows_per_s([day], max_bytes=5000) > 100
+
+
+def test_warm_up_runs_the_job_and_leaves_nothing(local_spark, tmp_path):
+    cfg = resolve("tiny", ["preprocess.engine=local"]).preprocess
+    assert spark_job.warm_up(local_spark, cfg, tmp_path / "warm") > 0
+    assert not (tmp_path / "warm").exists()
+
+
+def test_missing_input_is_a_clear_error(local_spark, tmp_path):
+    cfg = resolve("tiny", ["preprocess.engine=local"]).preprocess
+    with pytest.raises(spark_job.PreprocessError, match="missing input file .*day_9"):
+        spark_job.run(local_spark, cfg, [tmp_path / "day_9"], [tmp_path / "day_9"], tmp_path / "out")
