@@ -257,11 +257,8 @@ def positive_float(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True, help="resolved run configuration (config.json)")
-    parser.add_argument("--data", type=Path, required=True, help="processed data folder (has manifest.json)")
+    parser = runner.entry_parser(PROG, __doc__, out_help="run folder for inference.json")
     parser.add_argument("--checkpoint", type=Path, required=True, help="model.pt written by dlrm.train")
-    parser.add_argument("--out", type=Path, required=True, help="run folder for inference.json")
     parser.add_argument("--gemm-gflops", type=positive_float,
                         help="fp32 GEMM GFLOP/s of all the ranks together: adds roofline fractions")
     return parser.parse_args(argv)

@@ -10,6 +10,7 @@ A failing rank prints one line to stderr and exits non-zero (mpiexec then ends t
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -77,6 +78,15 @@ def progress(rank: Rank, **fields: object) -> None:
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def entry_parser(prog: str, doc: str, out_help: str) -> argparse.ArgumentParser:
+    """The arguments every rank entry point takes; each adds its own."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True, help="resolved run configuration (config.json)")
+    parser.add_argument("--data", type=Path, required=True, help="processed data folder (has manifest.json)")
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    return parser
 
 
 def run(main: Callable[[list[str] | None], int], prog: str, argv: list[str] | None = None) -> int:

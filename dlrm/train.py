@@ -287,10 +287,7 @@ def report_eval(rank: runner.Rank, scores: dict, step: int, steps: int, global_b
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True, help="resolved run configuration (config.json)")
-    parser.add_argument("--data", type=Path, required=True, help="processed data folder (has manifest.json)")
-    parser.add_argument("--out", type=Path, required=True, help="run folder for train.json and model.pt")
+    parser = runner.entry_parser(PROG, __doc__, out_help="run folder for train.json and model.pt")
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT} (must exist)")
     parser.add_argument("--stop-after-steps", type=int, metavar="N",
                         help="debugging: stop after step N without a result, as if killed there")
