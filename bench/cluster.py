@@ -70,7 +70,7 @@ def cpus(cfg: Config) -> int:
 
 
 @contextmanager
-def ray_cluster(cfg: Config, log_dir: Path) -> Iterator[dict]:
+def ray_cluster(cfg: Config) -> Iterator[dict]:
     """A local Ray instance for this run, shut down however the run ends."""
     import ray
 

@@ -176,10 +176,10 @@ def probe_machine(run: Run, threads_per_rank: int) -> dict:
     return measured
 
 
-def roofline_fraction(run: Run, samples_per_s: float, precision: str, training: bool) -> float:
-    """Achieved samples/s over the compute-bound samples/s at the measured GEMM rate for the precision used."""
+def train_roofline_fraction(run: Run, samples_per_s: float, precision: str) -> float:
+    """Achieved training samples/s over the compute-bound samples/s at the measured GEMM rate for the precision used."""
     gflops = run.results["machine"]["measured"]["machine_gemm_gflops"][precision]
-    return round(roofline.roofline_fraction(samples_per_s, roofline.flops_per_sample(run.cfg.model, training), gflops), 4)
+    return round(roofline.roofline_fraction(samples_per_s, roofline.flops_per_sample(run.cfg.model, training=True), gflops), 4)
 
 
 def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
@@ -207,7 +207,7 @@ def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
             resumed_from_step=out["resumed_from_step"], peak_rss_bytes=out["peak_rss_bytes"],
             auc_curve=out["auc_curve"],
         )
-        rec["roofline_fraction"] = roofline_fraction(run, out["samples_per_s"], rec["precision"], training=True)
+        rec["roofline_fraction"] = train_roofline_fraction(run, out["samples_per_s"], rec["precision"])
         run.results["software"]["backend"] = out["backend"]
         run.results["software"]["ipex"] = out["ipex"]
     # Evaluation ran inside the training job; report it as its own stage.
@@ -250,7 +250,7 @@ def execute(run: Run) -> None:
     os.environ.update(java)  # Ray- and Spark-started JVMs inherit it
     run.results["software"]["java"] = f"{cluster.java_version(java['JAVA_HOME'] + '/bin/java')} ({java['BENCH_JAVA_ORIGIN']})"
     run.results["software"]["mpi"] = launch.mpi_version()
-    with cluster.ray_cluster(cfg, run.logs) as ray_info:
+    with cluster.ray_cluster(cfg) as ray_info:
         run.results["cluster"]["ray"] = ray_info
         processed = preprocess_stage(run, raw, dataset)
         with cluster.placement(cfg, cfg.train.ranks_per_node) as place:
