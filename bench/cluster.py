@@ -65,34 +65,89 @@ def engine_environment(env: dict[str, str]) -> dict[str, str]:
     }
 
 
+SIMULATED_OBJECT_STORE_BYTES = 256 << 20  # per simulated node: the pipeline passes files, not objects
+
+
 def cpus(cfg: Config) -> int:
-    return cfg.cluster.cpus_per_node or os.cpu_count() or 1
+    """Cores of one node: as configured, else this machine's, shared evenly by simulated nodes."""
+    if cfg.cluster.cpus_per_node:
+        return cfg.cluster.cpus_per_node
+    simulated = cfg.cluster.nodes if cfg.cluster.ray_address is None else 1
+    return max(1, (os.cpu_count() or 1) // simulated)
+
+
+def simulated_cores(index: int, per_node: int) -> list[int]:
+    """The host cores simulated node ``index`` stands for: consecutive, wrapping round the machine."""
+    total = os.cpu_count() or 1
+    return sorted({(index * per_node + i) % total for i in range(per_node)})
+
+
+def alive_nodes() -> list[dict]:
+    """Ray's alive nodes as node_id, ip, cpus."""
+    import ray
+
+    return [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "cpus": int(n["Resources"].get("CPU", 0))}
+            for n in ray.nodes() if n["Alive"]]
+
+
+def check_capacity(nodes: list[dict], wanted: int, per_node: int) -> None:
+    """Fail before any work when the cluster cannot host `wanted` nodes of `per_node` CPUs, saying what is missing."""
+    fit = [n for n in nodes if n["cpus"] >= per_node]
+    if len(fit) < wanted:
+        have = ", ".join(f"{n['ip']} ({n['cpus']} CPUs)" for n in nodes) or "none"
+        raise RuntimeError(
+            f"the Ray cluster has {len(fit)} node(s) with {per_node}+ CPUs, the run needs {wanted} "
+            f"(alive nodes: {have}); start more nodes with `ray start --address=<head>:6379` or lower NODES")
 
 
 @contextmanager
 def ray_cluster(cfg: Config) -> Iterator[dict]:
-    """A local Ray instance for this run, shut down however the run ends."""
+    """Ray for this run, shut down however the run ends.
+
+    ``cluster.ray_address`` set: join that cluster (started by the user) and check it has the nodes.
+    Otherwise start Ray here: one node, or with ``cluster.nodes`` > 1 that many real Ray nodes
+    (a raylet each, distinct node ids, one IP) on this machine, so the multi-node path runs on one box.
+    """
     import ray
 
     # ray.init installs its own SIGTERM handler; the run's own (clean up, record, exit) must stay.
     sigterm = signal.getsignal(signal.SIGTERM)
-    ray.init(
-        num_cpus=cpus(cfg),
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-        _temp_dir=str(Path("/tmp") / "ray"),
-    )
-    signal.signal(signal.SIGTERM, sigterm)
+    options = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
+    simulated = None
+    per_node = cpus(cfg)
     try:
-        yield {"address": ray.get_runtime_context().gcs_address, "nodes": len(ray.nodes())}
+        if cfg.cluster.ray_address:
+            ray.init(address=cfg.cluster.ray_address, **options)
+        elif cfg.cluster.nodes > 1:
+            from ray.cluster_utils import Cluster
+
+            node = {"num_cpus": per_node, "object_store_memory": SIMULATED_OBJECT_STORE_BYTES}
+            simulated = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False},
+                                shutdown_at_exit=True)
+            for _ in range(cfg.cluster.nodes - 1):
+                simulated.add_node(**node)
+            ray.init(address=simulated.address, **options)
+        else:
+            ray.init(address="local", num_cpus=per_node, _temp_dir=str(Path("/tmp") / "ray"), **options)
+        signal.signal(signal.SIGTERM, sigterm)
+        nodes = alive_nodes()
+        check_capacity(nodes, cfg.cluster.nodes, per_node)
+        yield {"address": ray.get_runtime_context().gcs_address, "nodes": len(nodes),
+               "simulated": simulated is not None, "node_list": nodes}
     finally:
         ray.shutdown()
+        if simulated is not None:
+            simulated.shutdown()
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 @contextmanager
-def spark_session(cfg: PreprocessConfig, scratch: Path, app: str = "dlrm-preprocess") -> Iterator[object]:
-    """Spark with executors as Ray actors (RayDP), or plain local Spark; stopped on exit."""
+def spark_session(cfg: PreprocessConfig, scratch: Path, app: str = "dlrm-preprocess",
+                  spread: bool = False) -> Iterator[object]:
+    """Spark with executors as Ray actors (RayDP), or plain local Spark; stopped on exit.
+
+    ``spread``: RayDP places the executors over the Ray nodes (a SPREAD placement group of its own).
+    """
     conf = {
         "spark.pyspark.python": sys.executable,
         "spark.pyspark.driver.python": sys.executable,
@@ -123,6 +178,7 @@ def spark_session(cfg: PreprocessConfig, scratch: Path, app: str = "dlrm-preproc
             num_executors=cfg.executors,
             executor_cores=cfg.executor_cores,
             executor_memory=cfg.executor_memory,
+            placement_group_strategy="SPREAD" if spread else None,
             configs=conf,
         )
         stop = raydp.stop_spark
@@ -144,20 +200,42 @@ def spark_session(cfg: PreprocessConfig, scratch: Path, app: str = "dlrm-preproc
             signal.signal(signal.SIGINT, sigint)
 
 
+def spark_executor_nodes() -> list[dict]:
+    """The Ray node of each live RayDP executor actor (read from Ray's actor table)."""
+    from ray._private import state
+
+    actors = state.actors(actor_state_name="ALIVE").values()
+    return sorted(({"executor": a["Name"], "node_id": a["Address"]["NodeID"]} for a in actors
+                   if "Executor" in a["ActorClassName"]), key=lambda e: e["executor"])
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where the training ranks go: one bundle per node, reserved in Ray."""
 
-    nodes: list[dict]  # per bundle: node_id, ip, cpus, ranks
+    nodes: list[dict]  # per bundle: node_id, ip, cpus, cores (None: the whole node), ranks
+    group: object = None  # the Ray placement group (None when not made by placement())
 
     @property
     def hosts(self) -> list[str]:
         return [n["ip"] for n in self.nodes]
 
+    def ranks(self) -> list[dict]:
+        """Per rank (packed node by node, as mpiexec fills the host list): rank, node id, IP, cores."""
+        out = []
+        for node in self.nodes:
+            for _ in range(node["ranks"]):
+                out.append({"rank": len(out), "node_id": node["node_id"], "ip": node["ip"], "node_cores": node.get("cores")})
+        return out
+
 
 @contextmanager
-def placement(cfg: Config, ranks_per_node: int) -> Iterator[Placement]:
-    """Reserve the cores of the training ranks through a Ray placement group, released on exit."""
+def placement(cfg: Config, ranks_per_node: int, simulated: bool) -> Iterator[Placement]:
+    """Reserve the cores of the training ranks through a Ray placement group, released on exit.
+
+    One bundle per node; STRICT_SPREAD puts every bundle on a different Ray node (node ids,
+    not IPs: simulated nodes share one). ``simulated``: give bundle i the host cores its node stands for.
+    """
     import ray
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
@@ -169,14 +247,16 @@ def placement(cfg: Config, ranks_per_node: int) -> Iterator[Placement]:
         if not pg.wait(timeout_seconds=120):
             raise RuntimeError(
                 f"Ray could not place {cfg.cluster.nodes} node(s) x {per_node} CPUs for training; "
-                f"the cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs on {len(ray.nodes())} node(s)"
+                f"the cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs on {len(alive_nodes())} node(s)"
             )
         table = placement_group_table(pg)
-        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        nodes = [
-            {"node_id": node_id, "ip": ips[node_id], "cpus": per_node, "ranks": ranks_per_node}
-            for _, node_id in sorted(table["bundles_to_node_id"].items())
-        ]
-        yield Placement(nodes)
+        ips = {n["node_id"]: n["ip"] for n in alive_nodes()}
+        order = [n["node_id"] for n in alive_nodes()]
+        nodes = []
+        for _, node_id in sorted(table["bundles_to_node_id"].items()):
+            cores = simulated_cores(order.index(node_id), per_node) if simulated else None
+            nodes.append({"node_id": node_id, "ip": ips[node_id], "cpus": per_node, "cores": cores,
+                          "ranks": ranks_per_node})
+        yield Placement(nodes, pg)
     finally:
         remove_placement_group(pg)

@@ -144,8 +144,15 @@ class InferenceConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    nodes: int = Field(ge=1)
-    cpus_per_node: int | None = Field(default=None, ge=1, description="None: this machine's cores")
+    nodes: int = Field(ge=1, description="Ray nodes the training ranks spread over (one placement bundle each)")
+    cpus_per_node: int | None = Field(
+        default=None, ge=1, description="cores per node; None: this machine's cores (split evenly when simulated)")
+    ray_address: str | None = Field(
+        default=None, description="head of a running Ray cluster (host:port); None: start Ray here, "
+                                  "simulating `nodes` nodes on this machine when nodes > 1")
+    launcher: Literal["auto", "ray", "ssh"] = Field(
+        default="auto", description="how mpiexec starts its proxies on the nodes: ray = through a Ray actor "
+                                    "on each placed node; ssh = Hydra's ssh; auto = fork on one local node, else ray")
 
 
 class Config(_Section):

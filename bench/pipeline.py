@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench import cluster, launch, mllog, report, results
+from bench import cluster, launch, mllog, mpi_agent, report, results
 from bench.config import Config, ConfigError, resolve
 from bench.fsutil import atomic_write_json, read_json
 from bench.progress import Reporter
@@ -82,7 +82,8 @@ class Run:
             log = self.logs / f"{name}.log"
             with open(log, "a") as f:
                 traceback.print_exc(file=f)
-            raise StageError(name, str(err).splitlines()[0] if str(err) else type(err).__name__, log) from err
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise StageError(name, first, log) from err
         finally:
             record.setdefault("seconds", round(time.perf_counter() - start, 3))
 
@@ -105,7 +106,7 @@ def data_stage(run: Run) -> tuple[Path, dict]:
                 total = (cfg.days + 1) * cfg.rows_per_day
                 start = time.perf_counter()
                 with run.reporter.task("generate rows", total=total) as task:
-                    manifest = synthetic.generate(cfg, raw, workers=cluster.cpus(run.cfg), progress=task.advance)
+                    manifest = synthetic.generate(cfg, raw, workers=os.cpu_count() or 1, progress=task.advance)
                 rec["rows_per_s"] = round(total / (time.perf_counter() - start), 1)
         run.results["dataset"] = {
             "source": cfg.source,
@@ -137,13 +138,15 @@ def preprocess_stage(run: Run, raw: Path, dataset: dict) -> Path:
         else:
             start = time.perf_counter()
             with run.reporter.task("spark job steps", total=spark_job.STEPS) as task:
-                with cluster.spark_session(cfg.preprocess, run.dir / "spark-scratch") as spark:
+                with cluster.spark_session(cfg.preprocess, run.dir / "spark-scratch", spread=cfg.cluster.nodes > 1) as spark:
                     startup = time.perf_counter() - start
                     # A tiny job first, so the figure measures the job, not JIT and worker start-up.
                     warmup = spark_job.warm_up(spark, cfg.preprocess, run.dir / "spark-warmup")
                     job_start = time.perf_counter()
                     manifest = spark_job.run(spark, cfg.preprocess, train_files, eval_files, out, progress=task.note)
                     job_seconds = time.perf_counter() - job_start
+                    if cfg.preprocess.engine == "raydp":  # executors start with the first job
+                        run.results["cluster"]["spark_executors"] = cluster.spark_executor_nodes()
                     task.update(spark_job.STEPS, total=spark_job.STEPS, info="done")
             floor = spark_job.parse_floor_rows_per_s(train_files + eval_files)  # after Spark has let go of the cores
             timing = {
@@ -182,7 +185,7 @@ def train_roofline_fraction(run: Run, samples_per_s: float, precision: str) -> f
     return round(roofline.roofline_fraction(samples_per_s, roofline.flops_per_sample(run.cfg.model, training=True), gflops), 4)
 
 
-def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
+def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | None) -> None:
     cfg = run.cfg
     threads = max(1, place.nodes[0]["cpus"] // cfg.train.ranks_per_node)
     probe_machine(run, threads)
@@ -197,7 +200,7 @@ def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
             launch.run(
                 place, cfg.train.ranks_per_node, "dlrm.train",
                 ["--config", str(run.dir / "config.json"), "--data", str(data), "--out", str(run.dir)],
-                run.logs / "train.log", threads, on_progress,
+                run.logs / "train.log", threads, on_progress, agent,
             )
         out = read_json(run.dir / "train.json")
         rec.update(
@@ -208,6 +211,8 @@ def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
             auc_curve=out["auc_curve"],
         )
         rec["roofline_fraction"] = train_roofline_fraction(run, out["samples_per_s"], rec["precision"])
+        for entry, pinned in zip(run.results["cluster"].get("placement", []), out["pinning"]):
+            entry["cores"] = pinned["cores"]  # what each rank actually pinned to
         run.results["software"]["backend"] = out["backend"]
         run.results["software"]["ipex"] = out["ipex"]
     # Evaluation ran inside the training job; report it as its own stage.
@@ -222,7 +227,7 @@ def train_stage(run: Run, data: Path, place: cluster.Placement) -> None:
         run.results["stages"]["evaluate"]["auc_gap"] = round(oracle - out["auc"], 5)
 
 
-def inference_stage(run: Run, data: Path, place: cluster.Placement) -> None:
+def inference_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | None) -> None:
     cfg = run.cfg
     ranks = cfg.inference.ranks
     single = cluster.Placement(place.nodes[:1])
@@ -233,7 +238,7 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement) -> None:
                 single, ranks, "dlrm.inference",
                 ["--config", str(run.dir / "config.json"), "--data", str(data), "--checkpoint", str(run.dir / "model.pt"),
                  "--out", str(run.dir), "--gemm-gflops", str(gflops)],
-                run.logs / "inference.log", max(1, single.nodes[0]["cpus"] // ranks),
+                run.logs / "inference.log", max(1, single.nodes[0]["cpus"] // ranks), agent=agent,
             )
         out = read_json(run.dir / "inference.json")
         keys = ("samples_per_s", "latency_ms", "batch_size", "batches", "ranks", "sweep", "best", "variants",
@@ -245,18 +250,38 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement) -> None:
 
 def execute(run: Run) -> None:
     cfg = run.cfg
-    raw, dataset = data_stage(run)
     java = cluster.engine_environment(dict(os.environ))
     os.environ.update(java)  # Ray- and Spark-started JVMs inherit it
     run.results["software"]["java"] = f"{cluster.java_version(java['JAVA_HOME'] + '/bin/java')} ({java['BENCH_JAVA_ORIGIN']})"
     run.results["software"]["mpi"] = launch.mpi_version()
+    # Ray first: a cluster short of nodes is reported before any data is made or fetched.
     with cluster.ray_cluster(cfg) as ray_info:
-        run.results["cluster"]["ray"] = ray_info
+        run.results["cluster"]["ray"] = {k: ray_info[k] for k in ("address", "nodes", "simulated")}
+        raw, dataset = data_stage(run)
         processed = preprocess_stage(run, raw, dataset)
-        with cluster.placement(cfg, cfg.train.ranks_per_node) as place:
-            run.results["cluster"]["placement"] = place.nodes
-            train_stage(run, processed, place)
-            inference_stage(run, processed, place)
+        with cluster.placement(cfg, cfg.train.ranks_per_node, ray_info["simulated"]) as place, \
+                launcher(cfg, place, run.dir) as agent:
+            run.results["cluster"]["launcher"] = "ray" if agent else ("ssh" if len(place.nodes) > 1 else "fork")
+            run.results["cluster"]["nodes_placed"] = place.nodes
+            run.results["cluster"]["placement"] = [
+                {"rank": r["rank"], "node_id": r["node_id"], "ip": r["ip"], "cores": r["node_cores"] or []}
+                for r in place.ranks()]
+            if agent is not None:
+                mpi_agent.check_shared_path(place, processed)
+            train_stage(run, processed, place, agent)
+            inference_stage(run, processed, place, agent)
+
+
+@contextmanager
+def launcher(cfg: Config, place: cluster.Placement, run_dir: Path) -> Iterator[Path | None]:
+    """The MPI agents on the placed nodes (their launcher-exec script), unless mpiexec forks or uses ssh."""
+    use_ray = cfg.cluster.launcher == "ray" or (
+        cfg.cluster.launcher == "auto" and (cfg.cluster.nodes > 1 or cfg.cluster.ray_address is not None))
+    if not use_ray:
+        yield None
+        return
+    with mpi_agent.agents(place, run_dir) as script:
+        yield script
 
 
 def write_views(run: Run) -> Path | None:

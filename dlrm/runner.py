@@ -57,6 +57,8 @@ def start(cfg: Config, backend: str, expected_ranks: int, prog: str) -> Rank:
     """Find our rank, pin our threads, join the process group."""
     info = dist.launcher_env()
     pinning = dist.pin_threads(info, node_cores(cfg), max_threads=_omp_threads())
+    # Every rank says where it runs: the launcher maps a dead process id back to its rank.
+    print(f"{prog}: rank {info.rank} of {info.world_size}: pid {os.getpid()}, cores {pinning['cores']}", flush=True)
     dist.init(info, backend)
     rank = Rank(info, backend, pinning)
     if info.world_size != expected_ranks:

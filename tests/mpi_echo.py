@@ -8,6 +8,7 @@ import time
 rank = int(os.environ["PMI_RANK"])
 if rank == 0:
     print("PROGRESS " + json.dumps({"step": 1, "steps": 2}), flush=True)
+print(f"rank {rank} of {os.environ['PMI_SIZE']} started", flush=True)
 out = sys.argv[1]
 keys = ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
 with open(f"{out}/rank{rank}.json", "w") as f:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from bench import cluster
+from bench.config import resolve
 
 
 def test_java_home_prefers_a_new_enough_java_home():
@@ -43,3 +44,26 @@ def test_java_version_parsing(tmp_path, text, major):
     fake.chmod(0o755)
     assert cluster.java_version(str(fake)) == major
     assert cluster.java_version(str(tmp_path / "missing")) is None
+
+
+def test_capacity_check_names_what_is_missing():
+    nodes = [{"node_id": "a", "ip": "10.0.0.1", "cpus": 8}, {"node_id": "b", "ip": "10.0.0.2", "cpus": 2}]
+    cluster.check_capacity(nodes, 1, 8)
+    with pytest.raises(RuntimeError, match=r"has 1 node\(s\) with 8\+ CPUs, the run needs 2 .*10\.0\.0\.2 \(2 CPUs\)"):
+        cluster.check_capacity(nodes, 2, 8)
+
+
+def test_simulated_nodes_split_and_wrap_the_machine_cores(monkeypatch):
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 4)
+    assert [cluster.simulated_cores(i, 2) for i in range(2)] == [[0, 1], [2, 3]]
+    assert [cluster.simulated_cores(i, 1) for i in range(6)] == [[0], [1], [2], [3], [0], [1]]
+    cfg = resolve("tiny", ["cluster.nodes=4"])
+    assert cluster.cpus(cfg) == 1
+    assert cluster.cpus(resolve("tiny", ["cluster.nodes=4", "cluster.ray_address=head:6379"])) == 4
+    assert cluster.cpus(resolve("tiny", ["cluster.cpus_per_node=3"])) == 3
+
+
+def test_placement_lists_ranks_node_by_node():
+    place = cluster.Placement([{"node_id": "a", "ip": "x", "cpus": 2, "cores": [0, 1], "ranks": 2},
+                               {"node_id": "b", "ip": "x", "cpus": 2, "cores": None, "ranks": 2}])
+    assert [(r["rank"], r["node_id"]) for r in place.ranks()] == [(0, "a"), (1, "a"), (2, "b"), (3, "b")]

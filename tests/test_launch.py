@@ -20,7 +20,7 @@ def test_command_for_one_node_forks_locally():
     assert cmd[1:5] == ["-n", "2", "-ppn", "2"]
     assert "-launcher" in cmd and cmd[cmd.index("-launcher") + 1] == "fork"
     assert cmd[cmd.index("-genv") + 1 : cmd.index("-genv") + 3] == ["A", "1"]
-    assert cmd[-4:] == ["-u", "-m", "dlrm.train", "--x"]
+    assert cmd[-3:] == ["-m", "dlrm.train", "--x"]
 
 
 def test_command_for_many_nodes_lists_the_placed_hosts():
@@ -62,3 +62,39 @@ def test_interrupting_the_launch_leaves_no_rank_behind(tmp_path):
     assert len(pids) == 2
     time.sleep(0.5)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_command_through_the_ray_agent_names_ray_nodes_as_hosts(tmp_path):
+    two = Placement(ONE_NODE.nodes + [{"node_id": "n1", "ip": "10.0.0.1", "cpus": 2, "ranks": 2}])
+    cmd = launch.command(two, 2, "m", [], {}, agent=tmp_path / "mpi-agent")
+    assert cmd[cmd.index("-launcher") + 1] == "ssh"
+    assert cmd[cmd.index("-launcher-exec") + 1] == str(tmp_path / "mpi-agent")
+    assert cmd[cmd.index("-hosts") + 1] == "n0:2,n1:2"
+
+
+BAD_TERMINATION = """[0] dlrm.train: rank 0 of 2: pid 100, cores [0]
+[1] dlrm.train: rank 1 of 2: pid 101, cores [1]
+
+===================================================================================
+=   BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES
+=   PID 101 RUNNING AT n1
+=   EXIT CODE: 9
+=   CLEANING UP REMAINING PROCESSES
+===================================================================================
+[proxy:0@vm] HYD_pmcd_pmip_control_cmd_cb: assert (!closed) failed
+"""
+
+
+def test_a_dead_rank_is_named_with_its_node(tmp_path):
+    two = Placement([{"node_id": "n0", "ip": "x", "cpus": 1, "ranks": 1}, {"node_id": "n1", "ip": "x", "cpus": 1, "ranks": 1}])
+    (tmp_path / "log").write_text(BAD_TERMINATION)
+    assert launch.failure(tmp_path / "log", two).startswith("rank 1 (pid 101) on node n1 ended with exit code 9")
+    (tmp_path / "log").write_text("[1] dlrm.train: rank 1: error: ValueError: no data\n")
+    assert launch.failure(tmp_path / "log", two) == "dlrm.train: rank 1: error: ValueError: no data"
+
+
+def test_rank_output_goes_to_one_log_per_rank(tmp_path):
+    launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path)], tmp_path / "job.log", 1)
+    assert "PROGRESS" in (tmp_path / "job.rank0.log").read_text()
+    assert (tmp_path / "job.rank1.log").read_text() == "rank 1 of 2 started\n"
+    assert not (tmp_path / "job.rank0.log").read_text().startswith("[")
