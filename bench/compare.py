@@ -13,6 +13,11 @@ Speeds and times are also compared normalised by each run's own measured machine
 files have machine.measured the normalised change decides the verdict, otherwise the raw one;
 --raw makes the raw change decide always. The table shows both and which one decided.
 
+Repeated runs (REPEAT=N, results["repeats"]) record how far each timed metric spread over the runs.
+A change past its threshold but no larger than the larger spread of the two files is not called a
+regression (nor an improvement): its verdict is "within spread", which does not fail. Relative
+changes are set against the relative spread (max - min) / median, absolute ones against max - min.
+
 Exit status: 0 no regression; 1 a metric regressed or the candidate run did not succeed;
 2 a file is unreadable or invalid, or the baseline run did not succeed.
 """
@@ -33,8 +38,10 @@ from rich.text import Text
 
 from bench.schema import METRICS, MachineFigure, Metric, validate
 
-OK, BETTER, REGRESSION, MISSING, SKIPPED = "ok", "better", "REGRESSION", "missing", "skipped"
-VERDICT_STYLES = {OK: "", BETTER: "green", REGRESSION: "bold red", MISSING: "yellow", SKIPPED: "dim"}
+OK, BETTER, REGRESSION, WITHIN_SPREAD = "ok", "better", "REGRESSION", "within spread"
+MISSING, SKIPPED = "missing", "skipped"
+VERDICT_STYLES = {OK: "", BETTER: "green", REGRESSION: "bold red", WITHIN_SPREAD: "cyan", MISSING: "yellow",
+                  SKIPPED: "dim"}
 RAW, NORMALISED = "raw", "normalised"  # which change decided a verdict
 
 
@@ -55,6 +62,8 @@ class Row:
     # not scale with the machine or a file lacks the figure.
     normalised_change: float | None = None
     decided_by: str = RAW  # RAW or NORMALISED: the change the verdict is (or, missing or skipped, would be) of
+    # The larger spread of the two files' repeated runs, in the change's terms (see ``spread``); None: single runs.
+    spread: float | None = None
 
 
 def _get(results: dict, path: str) -> object:
@@ -100,13 +109,31 @@ def change(metric: Metric, baseline: float, candidate: float) -> float:
     return (candidate - baseline) / baseline
 
 
+def spread(results: dict, path: str, metric: Metric) -> float | None:
+    """How far the metric moved over the file's repeated runs, in the terms of its change: the relative
+    spread (max - min) / median for relative metrics, max - min for absolute ones; None for a single run."""
+    repeats = results.get("repeats")
+    if not isinstance(repeats, dict) or repeats["n"] < 2 or path not in repeats["metrics"]:
+        return None
+    record = repeats["metrics"][path]
+    return record["spread"] if metric.kind == "relative" else record["max"] - record["min"]
+
+
+def larger_spread(baseline: dict, candidate: dict, path: str, metric: Metric) -> float | None:
+    spreads = [s for s in (spread(baseline, path, metric), spread(candidate, path, metric)) if s is not None]
+    return max(spreads) if spreads else None
+
+
 def _beyond(amount: float, threshold: float) -> bool:
     # 0.789 - 0.787 is 0.0020000000000000018: a move of exactly the threshold must still pass.
     return amount > threshold and not math.isclose(amount, threshold, rel_tol=1e-9, abs_tol=1e-12)
 
 
-def verdict(metric: Metric, delta: float, threshold: float) -> str:
-    """ok, better or REGRESSION for a change of ``delta`` (as returned by ``change``)."""
+def verdict(metric: Metric, delta: float, threshold: float, measured_spread: float | None = None) -> str:
+    """ok, better or REGRESSION for a change of ``delta`` (as returned by ``change``); within spread
+    for a change past the threshold that the repeated runs' ``measured_spread`` cannot tell from noise."""
+    if measured_spread is not None and _beyond(abs(delta), threshold) and not _beyond(abs(delta), measured_spread):
+        return WITHIN_SPREAD
     worse = -delta if metric.better == "higher" else delta
     if _beyond(worse, threshold):
         return REGRESSION
@@ -154,7 +181,8 @@ def _normalised_change(metric: Metric, baseline: dict, candidate: dict, base: fl
 def compare(baseline: dict, candidate: dict, thresholds: Mapping[str, float], raw: bool = False) -> list[Row]:
     """One row per METRICS entry present in either file; ``thresholds`` overrides the METRICS defaults.
 
-    A row's verdict is of its normalised change when there is one, unless ``raw``; else of its raw change.
+    A row's verdict is of its normalised change when there is one, unless ``raw``; else of its raw change,
+    and within spread when that change is past the threshold but not past the repeated runs' spread.
     """
     default_by = RAW if raw or unmeasured(baseline, candidate) else NORMALISED
     rows = []
@@ -164,6 +192,7 @@ def compare(baseline: dict, candidate: dict, thresholds: Mapping[str, float], ra
             continue
         threshold = thresholds.get(path, metric.threshold)
         by = default_by if metric.scales_with is not None else RAW
+        measured_spread = larger_spread(baseline, candidate, path, metric)
         if base is None or cand is None:
             delta, norm, result, note = None, None, MISSING, f"not in {'baseline' if base is None else 'candidate'}"
         else:
@@ -173,9 +202,10 @@ def compare(baseline: dict, candidate: dict, thresholds: Mapping[str, float], ra
                 by = RAW
             skipped = not_comparable(path, baseline, candidate)
             note = skipped or norm_note
-            result = SKIPPED if skipped else verdict(metric, norm if by == NORMALISED else delta, threshold)
+            result = SKIPPED if skipped else verdict(metric, norm if by == NORMALISED else delta, threshold,
+                                                     measured_spread)
         rows.append(Row(path, metric.unit, metric.kind, base, cand, delta, threshold, result, note,
-                        normalised_change=norm, decided_by=by))
+                        normalised_change=norm, decided_by=by, spread=measured_spread))
     return rows
 
 
@@ -233,19 +263,34 @@ def _threshold(row: Row) -> str:
     return f"{row.threshold:g}" if row.kind == "absolute" else f"{row.threshold * 100:g}%"
 
 
+def _spread(row: Row) -> str:
+    if row.spread is None:
+        return "-"
+    return f"{row.spread:.4f}" if row.kind == "absolute" else f"{row.spread:.1%}"
+
+
+def repeat_counts(baseline: dict, candidate: dict) -> str | None:
+    """"baseline 5 runs, candidate 1 run" when either file holds repeated runs, else None."""
+    counts = {role: results["repeats"]["n"] if "repeats" in results else 1
+              for role, results in (("baseline", baseline), ("candidate", candidate))}
+    if max(counts.values()) < 2:
+        return None
+    return ", ".join(f"{role} {n} run{'s' if n > 1 else ''}" for role, n in counts.items())
+
+
 def table(rows: list[Row], title: str) -> Table:
     """The comparison as a rich table."""
     out = Table(title=title)
     out.add_column("metric", no_wrap=True)
     out.add_column("unit")
-    for name in ("baseline", "candidate", "change", "normalised", "threshold"):
+    for name in ("baseline", "candidate", "change", "normalised", "threshold", "spread"):
         out.add_column(name, justify="right")
     out.add_column("by")  # which change decided the verdict
     out.add_column("verdict")
     for row in rows:
         shown = f"{row.verdict} ({row.note})" if row.note else row.verdict
         out.add_row(row.metric, row.unit, _number(row.baseline, row.unit), _number(row.candidate, row.unit),
-                    _change(row), _change(row, NORMALISED), _threshold(row),
+                    _change(row), _change(row, NORMALISED), _threshold(row), _spread(row),
                     "-" if row.verdict in (MISSING, SKIPPED) else row.decided_by,
                     Text(shown, style=VERDICT_STYLES[row.verdict]))
     return out
@@ -316,6 +361,13 @@ def main(argv: list[str] | None = None) -> int:
                            "verdicts use raw changes, which move with the machine as well as the code"))
     elif args.raw:
         console.print(Text("note: --raw: verdicts use raw changes, not those normalised by the measured machines"))
+    if counts := repeat_counts(baseline, candidate):
+        console.print(Text(f"note: repeated runs ({counts}): a change past its threshold but within the larger "
+                           "spread of the two files' runs is not a regression"))
+    for row in rows:
+        if row.verdict == WITHIN_SPREAD:
+            console.print(Text(f"within spread: {row.metric} {_decided_change(row)} "
+                               f"(threshold {_threshold(row)}, spread {_spread(row)})"))
     failures = [f"{row.metric} regressed: {_decided_change(row)} (threshold {_threshold(row)})"
                 for row in rows if row.verdict == REGRESSION]
     if problem := status_problem(candidate):

@@ -164,6 +164,7 @@ class Config(_Section):
     inference: InferenceConfig
     cluster: ClusterConfig
     results_dir: Path
+    repeat: int = Field(default=1, ge=1, description="runs of the timed stages; the results keep medians and spread")
 
     @property
     def world_size(self) -> int:

@@ -9,7 +9,9 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench import cluster, launch, mllog, mpi_agent, report, results
+from bench import cluster, launch, mllog, mpi_agent, repeats, report, results
 from bench.config import Config, ConfigError, resolve
 from bench.fsutil import atomic_write_json, read_json
 from bench.progress import Reporter
@@ -62,6 +64,7 @@ class Run:
             "stages": {},
             "total_seconds": None,
         }
+        self.preprocess_samples: list[dict] = []  # per repeat of the Spark job (see bench.repeats)
         self.dir = Path(cfg.results_dir) / "runs" / self.results["run_id"]
         self.logs = self.dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -136,30 +139,8 @@ def preprocess_stage(run: Run, raw: Path, dataset: dict) -> Path:
             manifest = read_json(out / layout.MANIFEST)
             rec.update(reused=True, **manifest["timing"])
         else:
-            start = time.perf_counter()
-            with run.reporter.task("spark job steps", total=spark_job.STEPS) as task:
-                with cluster.spark_session(cfg.preprocess, run.dir / "spark-scratch", spread=cfg.cluster.nodes > 1) as spark:
-                    startup = time.perf_counter() - start
-                    # A tiny job first, so the figure measures the job, not JIT and worker start-up.
-                    warmup = spark_job.warm_up(spark, cfg.preprocess, run.dir / "spark-warmup")
-                    job_start = time.perf_counter()
-                    manifest = spark_job.run(spark, cfg.preprocess, train_files, eval_files, out, progress=task.note)
-                    job_seconds = time.perf_counter() - job_start
-                    if cfg.preprocess.engine == "raydp":  # executors start with the first job
-                        run.results["cluster"]["spark_executors"] = cluster.spark_executor_nodes()
-                    task.update(spark_job.STEPS, total=spark_job.STEPS, info="done")
-            floor = spark_job.parse_floor_rows_per_s(train_files + eval_files)  # after Spark has let go of the cores
-            timing = {
-                **manifest["timing"],
-                "spark_startup_seconds": round(startup, 3),
-                "spark_warmup_seconds": round(warmup, 3),
-                "job_seconds": round(job_seconds, 3),
-                "rows_per_s": round(spark_job.rows_per_s(manifest, job_seconds), 1),
-                "parse_floor_rows_per_s": round(floor, 1),
-            }
-            manifest["timing"] = timing
-            atomic_write_json(out / layout.MANIFEST, manifest)
-            rec.update(reused=False, **timing)
+            manifest = spark_preprocess(run, train_files, eval_files, out)
+            rec.update(reused=False, **manifest["timing"])
         rec["oov_rows"] = manifest["oov_rows"]
         rec["rows_read"] = manifest["rows_read"]
         rec["rows_rejected"] = sum(manifest["rows_rejected"].values())
@@ -167,6 +148,45 @@ def preprocess_stage(run: Run, raw: Path, dataset: dict) -> Path:
         run.results["dataset"]["rows"] = manifest["rows"]
         run.results["dataset"]["processed_path"] = str(out)
     return out
+
+
+def spark_preprocess(run: Run, train_files: list[Path], eval_files: list[Path], out: Path) -> dict:
+    """Start Spark, warm it up, run the job (``repeat`` times: the extra runs write to scratch and are
+    deleted); return the manifest with its timing: the job's rows/s (the median), Spark start-up and
+    warm-up apart, and the parse floor of the same files."""
+    cfg = run.cfg
+    start = time.perf_counter()
+    job_seconds = []
+    with run.reporter.task("spark job steps", total=spark_job.STEPS * cfg.repeat) as task:
+        with cluster.spark_session(cfg.preprocess, run.dir / "spark-scratch", spread=cfg.cluster.nodes > 1) as spark:
+            startup = time.perf_counter() - start
+            # A tiny job first, so the figure measures the job, not JIT and worker start-up.
+            warmup = spark_job.warm_up(spark, cfg.preprocess, run.dir / "spark-warmup")
+            for attempt in range(cfg.repeat):
+                target = out if attempt == 0 else run.dir / "preprocess-repeat"
+                job_start = time.perf_counter()
+                made = spark_job.run(spark, cfg.preprocess, train_files, eval_files, target, progress=task.note)
+                job_seconds.append(time.perf_counter() - job_start)
+                if attempt == 0:
+                    manifest = made
+                    if cfg.preprocess.engine == "raydp":  # executors start with the first job
+                        run.results["cluster"]["spark_executors"] = cluster.spark_executor_nodes()
+                else:
+                    shutil.rmtree(target)
+            task.update(spark_job.STEPS * cfg.repeat, total=spark_job.STEPS * cfg.repeat, info="done")
+    floor = spark_job.parse_floor_rows_per_s(train_files + eval_files)  # after Spark has let go of the cores
+    rates = [spark_job.rows_per_s(manifest, s) for s in job_seconds]
+    run.preprocess_samples = [{"stages.preprocess.rows_per_s": r} for r in rates]
+    manifest["timing"] = {
+        **manifest["timing"],
+        "spark_startup_seconds": round(startup, 3),
+        "spark_warmup_seconds": round(warmup, 3),
+        "job_seconds": round(statistics.median(job_seconds), 3),
+        "rows_per_s": round(statistics.median(rates), 1),
+        "parse_floor_rows_per_s": round(floor, 1),
+    }
+    atomic_write_json(out / layout.MANIFEST, manifest)
+    return manifest
 
 
 def probe_machine(run: Run, threads_per_rank: int) -> dict:
@@ -185,7 +205,7 @@ def train_roofline_fraction(run: Run, samples_per_s: float, precision: str) -> f
     return round(roofline.roofline_fraction(samples_per_s, roofline.flops_per_sample(run.cfg.model, training=True), gflops), 4)
 
 
-def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | None) -> None:
+def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | None, log: str = "train") -> None:
     cfg = run.cfg
     threads = max(1, place.nodes[0]["cpus"] // cfg.train.ranks_per_node)
     probe_machine(run, threads)
@@ -200,7 +220,7 @@ def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | No
             launch.run(
                 place, cfg.train.ranks_per_node, "dlrm.train",
                 ["--config", str(run.dir / "config.json"), "--data", str(data), "--out", str(run.dir)],
-                run.logs / "train.log", threads, on_progress, agent,
+                run.logs / f"{log}.log", threads, on_progress, agent,
             )
         out = read_json(run.dir / "train.json")
         rec.update(
@@ -227,7 +247,7 @@ def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | No
         run.results["stages"]["evaluate"]["auc_gap"] = round(oracle - out["auc"], 5)
 
 
-def inference_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | None) -> None:
+def inference_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | None, log: str = "inference") -> None:
     cfg = run.cfg
     ranks = cfg.inference.ranks
     single = cluster.Placement(place.nodes[:1])
@@ -238,7 +258,7 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement, agent: Path 
                 single, ranks, "dlrm.inference",
                 ["--config", str(run.dir / "config.json"), "--data", str(data), "--checkpoint", str(run.dir / "model.pt"),
                  "--out", str(run.dir), "--gemm-gflops", str(gflops)],
-                run.logs / "inference.log", max(1, single.nodes[0]["cpus"] // ranks), agent=agent,
+                run.logs / f"{log}.log", max(1, single.nodes[0]["cpus"] // ranks), agent=agent,
             )
         out = read_json(run.dir / "inference.json")
         keys = ("samples_per_s", "latency_ms", "batch_size", "batches", "ranks", "sweep", "best", "variants",
@@ -268,8 +288,17 @@ def execute(run: Run) -> None:
                 for r in place.ranks()]
             if agent is not None:
                 mpi_agent.check_shared_path(place, processed)
-            train_stage(run, processed, place, agent)
-            inference_stage(run, processed, place, agent)
+            samples = []
+            for attempt in range(1, cfg.repeat + 1):
+                suffix = f"-{attempt}" if cfg.repeat > 1 else ""
+                train_stage(run, processed, place, agent, f"train{suffix}")
+                inference_stage(run, processed, place, agent, f"inference{suffix}")
+                samples.append(repeats.sample(run.results, ("train", "evaluate", "inference")))
+                if attempt <= len(run.preprocess_samples):  # the job's own repeats (none when reused)
+                    samples[-1].update(run.preprocess_samples[attempt - 1])
+            if cfg.repeat > 1:
+                run.results["repeats"] = repeats.summarise(samples)
+                repeats.apply_medians(run.results, run.results["repeats"])
 
 
 @contextmanager

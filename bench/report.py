@@ -317,8 +317,8 @@ def environment_section(results: dict) -> str:
         table(flatten(cluster), caption="Cluster"),
     ]
     if placement:
-        parts.append(table([(n.get("node_id"), n.get("ip"), n.get("cpus"), n.get("ranks")) for n in placement],
-                           ["node", "ip", "cpus", "ranks"], "Placement of the training ranks"))
+        parts.append(table([(r.get("rank"), r.get("node_id"), r.get("ip"), r.get("cores")) for r in placement],
+                           ["rank", "node", "ip", "cores"], "Placement of the training ranks"))
     return "\n".join(parts)
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import (BETTER, MISSING, NORMALISED, OK, RAW, REGRESSION, SKIPPED, Row, compare,
+from bench.compare import (BETTER, MISSING, NORMALISED, OK, RAW, REGRESSION, SKIPPED, WITHIN_SPREAD, Row, compare,
                            effective_thresholds, main)
-from bench.schema import validate
+from bench.schema import ResultsInvalid, validate
 from tests.test_schema import failed_in_preprocess, succeeded_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,3 +227,135 @@ def test_a_measured_file_lacking_the_figure_falls_back_to_raw_for_that_metric():
     assert got.decided_by == RAW and got.verdict == REGRESSION
     assert got.note == "raw: no machine.measured.machine_gemm_gflops.bf16 in candidate"
     assert row(rows, "stages.inference.samples_per_s").decided_by == NORMALISED
+
+
+# Repeated runs (REPEAT=N): each repeated metric's value is the median of its runs, and results["repeats"]
+# records the runs and their spread; a change within the spread is not called a regression.
+TRAIN = "stages.train.samples_per_s"
+
+
+def repeated(run: dict, runs: dict[str, list[float]]) -> dict:
+    """``run`` as REPEAT=len(values) writes it: each metric's median as its value, its runs under repeats."""
+    metrics = {}
+    for path, values in runs.items():
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        metrics[path] = {"values": values, "median": median, "min": ordered[0], "max": ordered[-1],
+                         "spread": (ordered[-1] - ordered[0]) / median}
+        *parents, last = path.split(".")
+        node = run
+        for key in parents:
+            node = node[key]
+        node[last] = median
+    run["repeats"] = {"n": len(next(iter(runs.values()))), "metrics": metrics}
+    validate(run)
+    return run
+
+
+def spread_around(value: float, spread: float) -> list[float]:
+    """Three runs with median ``value`` and relative spread ``spread``."""
+    return [value * (1 - spread / 2), value, value * (1 + spread / 2)]
+
+
+def twelve_percent_slower_training(base: dict, cand: dict, baseline_spread: float) -> tuple[dict, dict]:
+    """The baseline's training samples/s repeated with the given spread; the candidate 12% slower
+    (past the default 10% threshold) in one run, on the same measured machine when both are measured."""
+    value = base["stages"]["train"]["samples_per_s"]
+    return repeated(base, {TRAIN: spread_around(value, baseline_spread)}), slow_down(cand, 0.88, (TRAIN,))
+
+
+def test_a_regression_within_the_baselines_spread_is_not_called_one(tmp_path, capsys):
+    baseline, candidate = twelve_percent_slower_training(measured_run(), measured_run(), 0.15)
+    got = row(compare(baseline, candidate, {}), TRAIN)
+    assert got.decided_by == NORMALISED and got.normalised_change == pytest.approx(-0.12)
+    assert got.verdict == WITHIN_SPREAD and got.spread == pytest.approx(0.15)
+    assert main([write(tmp_path, "base", baseline), write(tmp_path, "cand", candidate)]) == 0
+    out = capsys.readouterr().out
+    assert "within spread" in out and "15.0%" in out and "PASS" in out
+    assert "note: repeated runs (baseline 3 runs, candidate 1 run)" in out
+    assert f"within spread: {TRAIN} -12.0% normalised (-12.0% raw) (threshold 10%, spread 15.0%)" in out
+
+
+def test_a_regression_past_the_spread_still_fails(tmp_path, capsys):
+    baseline, candidate = twelve_percent_slower_training(measured_run(), measured_run(), 0.05)
+    got = row(compare(baseline, candidate, {}), TRAIN)
+    assert got.verdict == REGRESSION and got.spread == pytest.approx(0.05)
+    assert main([write(tmp_path, "base", baseline), write(tmp_path, "cand", candidate)]) == 1
+    assert f"{TRAIN} regressed: -12.0% normalised (-12.0% raw)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("spread", "expected"), [(0.15, WITHIN_SPREAD), (0.05, REGRESSION)])
+def test_raw_changes_honour_the_spread_too(tmp_path, spread, expected):
+    # --raw on measured files, and files without machine.measured (raw is then the only form).
+    baseline, candidate = twelve_percent_slower_training(measured_run(), measured_run(gemm_scale=0.88), spread)
+    got = row(compare(baseline, candidate, {}, raw=True), TRAIN)
+    assert got.decided_by == RAW and got.change == pytest.approx(-0.12) and got.verdict == expected
+    files = [write(tmp_path, "base", baseline), write(tmp_path, "cand", candidate)]
+    assert main([*files, "--raw"]) == (0 if expected == WITHIN_SPREAD else 1)
+    assert main(files) == 0  # normalised: the machine was as much slower as the run
+
+    baseline, candidate = twelve_percent_slower_training(succeeded_run(), succeeded_run(), spread)
+    got = row(compare(baseline, candidate, {}), TRAIN)
+    assert got.decided_by == RAW and got.verdict == expected
+
+
+def test_the_candidates_spread_counts_and_the_larger_one_decides():
+    candidate = succeeded_run()
+    value = candidate["stages"]["train"]["samples_per_s"] * 0.88
+    candidate = repeated(candidate, {TRAIN: spread_around(value, 0.15)})
+    baseline = repeated(succeeded_run(), {TRAIN: spread_around(succeeded_run()["stages"]["train"]["samples_per_s"],
+                                                                0.05)})
+    got = row(compare(baseline, candidate, {}), TRAIN)
+    assert got.spread == pytest.approx(0.15) and got.verdict == WITHIN_SPREAD
+
+
+def test_a_spread_hides_no_change_that_was_not_past_the_threshold_and_no_other_metric():
+    baseline = repeated(measured_run(), {TRAIN: spread_around(measured_run()["stages"]["train"]["samples_per_s"], 0.5)})
+    candidate = slow_down(measured_run(), 0.7, (TRAIN, "stages.inference.samples_per_s"))
+    rows = compare(baseline, slow_down(measured_run(), 0.95, (TRAIN,)), {})
+    assert row(rows, TRAIN).verdict == OK  # -5%: inside the threshold, nothing to excuse
+    rows = compare(baseline, candidate, {})
+    assert row(rows, TRAIN).verdict == WITHIN_SPREAD
+    assert row(rows, "stages.inference.samples_per_s").verdict == REGRESSION  # not repeated: no spread
+    assert row(rows, "stages.inference.samples_per_s").spread is None
+
+
+def test_an_improvement_within_the_spread_is_not_called_better_either():
+    baseline = repeated(measured_run(), {TRAIN: spread_around(measured_run()["stages"]["train"]["samples_per_s"], 0.3)})
+    assert row(compare(baseline, slow_down(measured_run(), 1.2, (TRAIN,)), {}), TRAIN).verdict == WITHIN_SPREAD
+    assert row(compare(baseline, slow_down(measured_run(), 1.4, (TRAIN,)), {}), TRAIN).verdict == BETTER
+
+
+def test_an_absolute_metric_is_set_against_the_range_of_its_runs():
+    auc = succeeded_run()["stages"]["evaluate"]["auc"]
+    baseline = repeated(succeeded_run(), {"stages.evaluate.auc": [auc - 0.002, auc, auc + 0.002]})
+    for drop, expected in ((0.003, WITHIN_SPREAD), (0.005, REGRESSION)):
+        candidate = succeeded_run()
+        candidate["stages"]["evaluate"]["auc"] -= drop
+        got = row(compare(baseline, candidate, {}), "stages.evaluate.auc")
+        assert got.spread == pytest.approx(0.004) and got.verdict == expected
+
+
+def test_a_single_run_in_repeats_form_is_judged_as_before():
+    baseline = succeeded_run()
+    value = baseline["stages"]["train"]["samples_per_s"]
+    baseline["repeats"] = {"n": 1, "metrics": {TRAIN: {"values": [value], "median": value, "min": value,
+                                                        "max": value, "spread": 0.0}}}
+    validate(baseline)
+    got = row(compare(baseline, slow_down(succeeded_run(), 0.88, (TRAIN,)), {}), TRAIN)
+    assert got.spread is None and got.verdict == REGRESSION
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda r: r.update(n=0), "repeats.n: 0 is less than the minimum of 1"),
+    (lambda r: r["metrics"][TRAIN].update(spread=-0.1), f"repeats.metrics.{TRAIN}.spread: -0.1 is less than"),
+    (lambda r: r["metrics"][TRAIN].pop("median"), f"repeats.metrics.{TRAIN}.median: required but missing"),
+    (lambda r: r["metrics"].update({"not a path": r["metrics"][TRAIN]}), "repeats.metrics: 'not a path' does not"),
+])
+def test_the_schema_checks_repeats(edit, problem):
+    run = repeated(succeeded_run(), {TRAIN: [1.0, 2.0, 3.0]})
+    edit(run["repeats"])
+    with pytest.raises(ResultsInvalid) as raised:
+        validate(run)
+    assert str(raised.value).startswith(problem)

@@ -65,7 +65,10 @@ def test_tiny_pipeline_learns_the_click_model(tiny_run):
 def test_tiny_pipeline_ran_on_the_real_engines(tiny_run):
     _, _, r = tiny_run
     assert r["cluster"]["ranks"] == 2 and r["cluster"]["nodes"] == 1
-    assert len(r["cluster"]["placement"]) == 1 and len(r["cluster"]["placement"][0]["node_id"]) == 56  # a Ray node id
+    placement = r["cluster"]["placement"]
+    assert [p["rank"] for p in placement] == [0, 1] and len(placement[0]["node_id"]) == 56  # a Ray node id
+    assert placement[0]["node_id"] == placement[1]["node_id"] and r["cluster"]["launcher"] == "fork"
+    assert sorted(placement[0]["cores"] + placement[1]["cores"]) == [0, 1]  # one core each on this 2-core machine
     assert r["software"]["backend"] == "gloo" and r["software"]["mpi"].startswith("MPICH")
     assert r["software"]["ipex"]["used"] is False
     assert r["config"]["preprocess"]["engine"] == "raydp"

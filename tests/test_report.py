@@ -158,7 +158,7 @@ def test_the_summary_environment_and_config_tables_carry_the_runs_numbers(plain_
         ["training throughput", "15,966", "samples/s"], ["preprocessing (Spark job)", "1,199", "rows/s"],
         ["inference latency p50", "17.59", "ms"], ["inference latency p99", "247.06", "ms"],
         ["cpu_model", "AMD EPYC"], ["memory", "23.5 GiB"], ["torch", "2.13.0+cpu"], ["ipex.used", "no"],
-        ["ray.address", "192.0.2.2:34601"], ["77adc75e", "192.0.2.2", "2", "2"],
+        ["ray.address", "192.0.2.2:34601"], ["1", "77adc75e", "192.0.2.2", "[1]"],
         ["train.batch_size", "512"], ["model.bottom_mlp", "[64, 16]"], ["data.synthetic.zipf_exponent", "1.20"],
     ):
         assert expected in rows
