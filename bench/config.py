@@ -105,6 +105,9 @@ class TrainConfig(_Section):
     target_auc: float | None = Field(default=None, gt=0.0, le=1.0, description="stop once reached; None = never")
     checkpoint_every_steps: int = Field(default=0, ge=0, description="RUN_DIR/checkpoint.pt every N steps; 0 = never")
     resume: bool = Field(default=False, description="continue from RUN_DIR/checkpoint.pt when it exists")
+    shard_min_rows: int = Field(
+        default=0, ge=0, description="tables of at least this many rows are sharded across the ranks (each on one "
+                                     "rank, exchanged by all-to-all); smaller ones are replicated. 0 = replicate all")
 
     @model_validator(mode="after")
     def _warmup_before_decay(self) -> "TrainConfig":
@@ -150,6 +153,8 @@ class ClusterConfig(_Section):
     ray_address: str | None = Field(
         default=None, description="head of a running Ray cluster (host:port); None: start Ray here, "
                                   "simulating `nodes` nodes on this machine when nodes > 1")
+    mpiexec: str | None = Field(
+        default=None, description="an MPI's mpiexec (MPICH, Intel MPI or Open MPI); None: the venv's MPICH")
     launcher: Literal["auto", "ray", "ssh"] = Field(
         default="auto", description="how mpiexec starts its proxies on the nodes: ray = through a Ray actor "
                                     "on each placed node; ssh = Hydra's ssh; auto = fork on one local node, else ray")

@@ -1,4 +1,4 @@
-"""Launch ranks with MPI (the venv's MPICH ``mpiexec``) on the nodes a placement reserved."""
+"""Launch ranks with MPI (the venv's MPICH ``mpiexec``, or Intel MPI / Open MPI) on the nodes a placement reserved."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, TextIO
 
 from bench.cluster import Placement
 
@@ -25,19 +26,33 @@ class LaunchError(RuntimeError):
     """The ranks failed; the message names the log file to read."""
 
 
-def mpiexec() -> str:
-    """The venv's mpiexec (installed by the ``mpich`` package), else one on PATH."""
+@dataclass(frozen=True)
+class Mpi:
+    """An MPI launcher: its mpiexec and the family its command line follows."""
+
+    mpiexec: str
+    family: Literal["hydra", "openmpi"]  # hydra: MPICH and Intel MPI
+    version: str
+
+
+def find_mpi(path: str | None = None) -> Mpi:
+    """``path``'s mpiexec, else the venv's (MPICH from requirements.txt), else one on PATH; its family from --version."""
     local = Path(sys.executable).parent / "mpiexec"
-    found = str(local) if local.exists() else shutil.which("mpiexec")
-    if not found:
-        raise LaunchError("mpiexec not found; run `make setup` (requirements.txt installs mpich)")
-    return found
-
-
-def mpi_version() -> str:
-    out = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=30).stdout
-    lines = [line.strip() for line in out.splitlines() if "Version" in line]
-    return "MPICH " + lines[0].split(":", 1)[-1].strip() if lines else "unknown"
+    found = path or (str(local) if local.exists() else shutil.which("mpiexec"))
+    if not found or not Path(found).exists():
+        raise LaunchError(f"mpiexec not found{f' at {path}' if path else ''}; run `make setup` "
+                          "(requirements.txt installs mpich) or name one with MPIEXEC=")
+    out = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30)
+    text = out.stdout + out.stderr
+    if "Open MPI" in text:
+        match = re.search(r"Open MPI\)? ([\d.]+)", text)
+        return Mpi(found, "openmpi", f"Open MPI {match.group(1) if match else 'unknown'}")
+    if "HYDRA" in text:
+        versions = re.findall(r"Version:\s*(\S+)", text)
+        name = "Intel MPI" if "Intel" in text else "MPICH"
+        return Mpi(found, "hydra", f"{name} {versions[0] if versions else 'unknown'}")
+    raise LaunchError(f"{found} is neither MPICH/Intel MPI (Hydra) nor Open MPI; `{found} --version` said: "
+                      f"{' '.join(text.split())[:120]}")
 
 
 def free_port() -> int:
@@ -47,30 +62,52 @@ def free_port() -> int:
 
 
 def command(placement: Placement, ranks_per_node: int, module: str, args: list[str], env: dict[str, str],
-            agent: Path | None = None) -> list[str]:
-    """The mpiexec command line: ranks packed node by node, environment passed to every rank.
+            agent: Path | None = None, mpi: Mpi | None = None) -> list[str]:
+    """The mpiexec command line: ranks packed node by node, each output line tagged with its rank,
+    environment passed to every rank.
 
-    How Hydra starts its proxy on each node: through ``agent`` (bench.mpi_agent: a Ray actor on the
-    node; the hosts are Ray node ids) when given, else fork on a single node, else ssh to the IPs.
+    How mpiexec starts its daemon (Hydra's proxy, Open MPI's prted) on each node: through ``agent``
+    (bench.mpi_agent: a Ray actor on the node; the hosts are Ray node ids) when given, else locally
+    on a single node, else ssh to the IPs.
     """
+    mpi = mpi or find_mpi()
     world = ranks_per_node * len(placement.nodes)
-    cmd = [mpiexec(), "-n", str(world), "-ppn", str(ranks_per_node), "-prepend-rank"]
     if agent is not None:
-        cmd += ["-launcher", "ssh", "-launcher-exec", str(agent),
-                "-hosts", ",".join(f"{n['node_id']}:{ranks_per_node}" for n in placement.nodes)]
+        hosts = [n["node_id"] for n in placement.nodes]
     elif len(placement.nodes) == 1:
-        cmd += ["-launcher", "fork"]  # one node: Hydra forks the proxy locally
+        hosts = ["localhost"]
     else:
-        cmd += ["-launcher", "ssh", "-hosts", ",".join(f"{ip}:{ranks_per_node}" for ip in placement.hosts)]
-    for key, value in env.items():
-        cmd += ["-genv", key, value]
+        hosts = placement.hosts
+    host_list = ",".join(f"{h}:{ranks_per_node}" for h in hosts)
+    if mpi.family == "openmpi":
+        cmd = [mpi.mpiexec, "-n", str(world), "--map-by", f"ppr:{ranks_per_node}:node", "--tag-output",
+               "--host", host_list]
+        if os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")  # containers often run as root; Open MPI refuses without it
+        if agent is not None:
+            cmd += ["--prtemca", "plm_ssh_agent", str(agent)]
+        for key, value in env.items():
+            cmd += ["-x", f"{key}={value}"]
+    else:
+        cmd = [mpi.mpiexec, "-n", str(world), "-ppn", str(ranks_per_node), "-prepend-rank"]
+        if agent is not None:
+            cmd += ["-launcher", "ssh", "-launcher-exec", str(agent), "-hosts", host_list]
+        elif len(placement.nodes) == 1:
+            cmd += ["-launcher", "fork"]  # one node: Hydra forks the proxy locally
+        else:
+            cmd += ["-launcher", "ssh", "-hosts", host_list]
+        for key, value in env.items():
+            cmd += ["-genv", key, value]
     return cmd + [sys.executable, "-m", module, *args]
 
 
-RANK_LINE = re.compile(r"^\[(\d+)\] ?(.*)$", re.S)  # -prepend-rank's "[r] " prefix
+# Hydra's -prepend-rank "[r] ", Open MPI's --tag-output "[job,r]<stdout>: ".
+RANK_LINE = re.compile(r"^\[(?:\d+,)?(\d+)\](?:<std(?:out|err)>:)? ?(.*)$", re.S)
 STRAY_PREFIX = re.compile(r"\[\d+\] (?=\n?$)")  # a prefix Hydra put before a newline written on its own
 RANK_PID = re.compile(r": rank (\d+) of \d+: pid (\d+)")  # dlrm.runner.start's first line
-BAD_TERMINATION = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (\d+)")
+# How Hydra and Open MPI report a rank that ended badly: its pid, host and exit code (or signal).
+BAD_TERMINATION = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (\d+)"
+                             r"|rank \d+ with PID (\d+) on node (\S+) exited on signal (\d+)")
 
 
 def run(
@@ -82,6 +119,7 @@ def run(
     threads_per_rank: int,
     on_progress: Callable[[dict], None] = lambda p: None,
     agent: Path | None = None,
+    mpi: Mpi | None = None,
 ) -> None:
     """Run ``python -m module args`` on every rank; raise LaunchError on failure.
 
@@ -97,7 +135,7 @@ def run(
         # Buffered output: unbuffered print() writes its newline apart, and Hydra prefixes each write.
         "PYTHONUNBUFFERED": "",
     }
-    cmd = command(placement, ranks_per_node, module, args, env, agent)
+    cmd = command(placement, ranks_per_node, module, args, env, agent, mpi)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     rank_logs: dict[int, TextIO] = {}
     with open(log_file, "w", buffering=1) as log:  # line-buffered: the log is live
@@ -137,7 +175,8 @@ def failure(log_file: Path, placement: Placement) -> str:
     dead = BAD_TERMINATION.search(text)
     if not dead:
         return detail
-    pid, host, code = dead.groups()
+    hydra = dead.group(1) is not None
+    pid, host, code = dead.groups()[:3] if hydra else dead.groups()[3:]
     ranks = {p: int(r) for r, p in RANK_PID.findall(text)}
     if pid in ranks:
         rank = ranks[pid]
@@ -145,7 +184,8 @@ def failure(log_file: Path, placement: Placement) -> str:
     else:
         who, node = f"a rank (pid {pid})", host
     # Hydra reports a rank killed by a signal with the signal's number as its exit code.
-    return f"{who} on node {node} ended with exit code {code}" + (f": {detail}" if rank_lines else "")
+    how = f"exit code {code}" if hydra else f"signal {code}"
+    return f"{who} on node {node} ended with {how}" + (f": {detail}" if rank_lines else "")
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:

@@ -64,6 +64,7 @@ class Run:
             "stages": {},
             "total_seconds": None,
         }
+        self.mpi: launch.Mpi | None = None  # found once the run starts
         self.preprocess_samples: list[dict] = []  # per repeat of the Spark job (see bench.repeats)
         self.dir = Path(cfg.results_dir) / "runs" / self.results["run_id"]
         self.logs = self.dir / "logs"
@@ -220,7 +221,7 @@ def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | No
             launch.run(
                 place, cfg.train.ranks_per_node, "dlrm.train",
                 ["--config", str(run.dir / "config.json"), "--data", str(data), "--out", str(run.dir)],
-                run.logs / f"{log}.log", threads, on_progress, agent,
+                run.logs / f"{log}.log", threads, on_progress, agent, run.mpi,
             )
         out = read_json(run.dir / "train.json")
         rec.update(
@@ -258,7 +259,7 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement, agent: Path 
                 single, ranks, "dlrm.inference",
                 ["--config", str(run.dir / "config.json"), "--data", str(data), "--checkpoint", str(run.dir / "model.pt"),
                  "--out", str(run.dir), "--gemm-gflops", str(gflops)],
-                run.logs / f"{log}.log", max(1, single.nodes[0]["cpus"] // ranks), agent=agent,
+                run.logs / f"{log}.log", max(1, single.nodes[0]["cpus"] // ranks), agent=agent, mpi=run.mpi,
             )
         out = read_json(run.dir / "inference.json")
         keys = ("samples_per_s", "latency_ms", "batch_size", "batches", "ranks", "sweep", "best", "variants",
@@ -273,7 +274,8 @@ def execute(run: Run) -> None:
     java = cluster.engine_environment(dict(os.environ))
     os.environ.update(java)  # Ray- and Spark-started JVMs inherit it
     run.results["software"]["java"] = f"{cluster.java_version(java['JAVA_HOME'] + '/bin/java')} ({java['BENCH_JAVA_ORIGIN']})"
-    run.results["software"]["mpi"] = launch.mpi_version()
+    run.mpi = launch.find_mpi(cfg.cluster.mpiexec)
+    run.results["software"]["mpi"] = run.mpi.version
     # Ray first: a cluster short of nodes is reported before any data is made or fetched.
     with cluster.ray_cluster(cfg) as ray_info:
         run.results["cluster"]["ray"] = {k: ray_info[k] for k in ("address", "nodes", "simulated")}

