@@ -47,10 +47,12 @@ def find_mpi(path: str | None = None) -> Mpi:
     if "Open MPI" in text:
         match = re.search(r"Open MPI\)? ([\d.]+)", text)
         return Mpi(found, "openmpi", f"Open MPI {match.group(1) if match else 'unknown'}")
+    if "Intel(R) MPI" in text:  # Intel MPI's mpiexec is Hydra too, with MPICH's options
+        match = re.search(r"Version ([\w.]+)", text)
+        return Mpi(found, "hydra", f"Intel MPI {match.group(1) if match else 'unknown'}")
     if "HYDRA" in text:
         versions = re.findall(r"Version:\s*(\S+)", text)
-        name = "Intel MPI" if "Intel" in text else "MPICH"
-        return Mpi(found, "hydra", f"{name} {versions[0] if versions else 'unknown'}")
+        return Mpi(found, "hydra", f"MPICH {versions[0] if versions else 'unknown'}")
     raise LaunchError(f"{found} is neither MPICH/Intel MPI (Hydra) nor Open MPI; `{found} --version` said: "
                       f"{' '.join(text.split())[:120]}")
 

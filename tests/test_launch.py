@@ -34,6 +34,20 @@ def test_mpi_family_and_version_come_from_mpiexec():
         launch.find_mpi("/nowhere/mpiexec")
 
 
+@pytest.mark.parametrize("says, family, version", [
+    ("Intel(R) MPI Library for Linux* OS, Version 2021.19 Build 20251014 (id: 1a2b3c)", "hydra", "Intel MPI 2021.19"),
+    ("mpiexec (Open MPI) 5.0.11\n\nReport bugs to https://www.open-mpi.org/community/help/", "openmpi", "Open MPI 5.0.11"),
+])
+def test_other_mpi_families_are_recognised(tmp_path, says, family, version):
+    fake = tmp_path / "mpiexec"
+    fake.write_text(f"#!/bin/sh\nprintf '{says}\\n'\n")
+    fake.chmod(0o755)
+    assert launch.find_mpi(str(fake)) == launch.Mpi(str(fake), family, version)
+    fake.write_text("#!/bin/sh\necho 'some other launcher 1.0'\n")
+    with pytest.raises(launch.LaunchError, match="neither MPICH/Intel MPI"):
+        launch.find_mpi(str(fake))
+
+
 def test_command_for_one_node_forks_locally():
     cmd = launch.command(ONE_NODE, 2, "dlrm.train", ["--x"], {"A": "1"})
     assert cmd[1:5] == ["-n", "2", "-ppn", "2"]
