@@ -95,7 +95,8 @@ def test_a_killed_rank_fails_the_run_within_a_minute_naming_rank_and_node(tmp_pa
     assert not engine_processes(), "engines from an earlier run are still up"
     args = [sys.executable, "-m", "bench.pipeline", "--profile", "tiny", "--set", f"data.dir={tmp_path / 'data'}",
             "--set", f"results_dir={tmp_path / 'results'}", "--set", "cluster.nodes=2",
-            "--set", "train.ranks_per_node=1", "--set", "train.epochs=500"]  # far longer than the test waits
+            "--set", "train.ranks_per_node=1", "--set", "train.epochs=500",  # far longer than the test waits
+            "--set", "preprocess.engine=local"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 600
