@@ -107,6 +107,8 @@ def command(placement: Placement, ranks_per_node: int, module: str, args: list[s
 RANK_LINE = re.compile(r"^\[(?:\d+,)?(\d+)\](?:<std(?:out|err)>:)? ?(.*)$", re.S)
 STRAY_PREFIX = re.compile(r"\[\d+\] (?=\n?$)")  # a prefix Hydra put before a newline written on its own
 RANK_PID = re.compile(r": rank (\d+) of \d+: pid (\d+)")  # dlrm.runner.start's first line
+# A rank's own failure: dlrm.runner's one line ("prog: rank r: error: ...") or an exception's last line.
+RANK_ERROR = re.compile(r"^(\S+: rank \d+: error: |\w*(Error|Exception)\b)")
 # How Hydra and Open MPI report a rank that ended badly: its pid, host and exit code (or signal).
 BAD_TERMINATION = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (\d+)"
                              r"|rank \d+ with PID (\d+) on node (\S+) exited on signal (\d+)")
@@ -172,22 +174,23 @@ def run(
 def failure(log_file: Path, placement: Placement) -> str:
     """The one-line cause: which rank ended badly, on which node, and its last error line."""
     text = log_file.read_text(errors="replace")
-    rank_lines = [m.group(2) for m in map(RANK_LINE.match, text.splitlines()) if m]
-    detail = _last_error("\n".join(rank_lines)) if rank_lines else _last_error(text)
+    rank_lines = [(int(m.group(1)), m.group(2).strip()) for m in map(RANK_LINE.match, text.splitlines()) if m]
+    errors = [(rank, line) for rank, line in rank_lines if RANK_ERROR.match(line)]
     dead = BAD_TERMINATION.search(text)
     if not dead:
-        return detail
+        return errors[0][1] if errors else _last_error(text)
     hydra = dead.group(1) is not None
     pid, host, code = dead.groups()[:3] if hydra else dead.groups()[3:]
     ranks = {p: int(r) for r, p in RANK_PID.findall(text)}
-    if pid in ranks:
-        rank = ranks[pid]
+    rank = ranks.get(pid)
+    if rank is not None:
         who, node = f"rank {rank} (pid {pid})", placement.ranks()[rank]["node_id"]
     else:
         who, node = f"a rank (pid {pid})", host
+    own = [line for r, line in errors if r == rank]  # not the errors it caused on the others
     # Hydra reports a rank killed by a signal with the signal's number as its exit code.
     how = f"exit code {code}" if hydra else f"signal {code}"
-    return f"{who} on node {node} ended with {how}" + (f": {detail}" if rank_lines else "")
+    return f"{who} on node {node} ended with {how}" + (f": {own[0]}" if own else "")
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:

@@ -31,7 +31,7 @@ STAGES = ("data", "preprocess", "train", "evaluate", "inference")
 
 class StageError(RuntimeError):
     def __init__(self, stage: str, message: str, log: Path | None):
-        where = f" (log: {log})" if log else ""
+        where = f" (log: {log})" if log and f"(log: {log})" not in message else ""
         super().__init__(f"stage {stage} failed: {message}{where}")
         self.stage = stage
 
