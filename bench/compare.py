@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bench.schema import METRICS, MachineFigure, Metric, validate
+from bench.schema import METRICS, MachineFigure, Metric, number_at, validate, value_at
 
 OK, BETTER, REGRESSION, WITHIN_SPREAD = "ok", "better", "REGRESSION", "within spread"
 MISSING, SKIPPED = "missing", "skipped"
@@ -66,32 +66,17 @@ class Row:
     spread: float | None = None
 
 
-def _get(results: dict, path: str) -> object:
-    node: object = results
-    for key in path.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-def lookup(results: dict, path: str) -> float | None:
-    """The number at a dotted path, or None when the path is absent or null (e.g. a stage never ran)."""
-    node = _get(results, path)
-    return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
-
-
 def unmeasured(baseline: dict, candidate: dict) -> list[str]:
     """The roles ("baseline", "candidate") whose file has no machine.measured: their changes cannot be normalised."""
     return [role for role, results in (("baseline", baseline), ("candidate", candidate))
-            if not isinstance(_get(results, "machine.measured"), dict)]
+            if not isinstance(value_at(results, "machine.measured"), dict)]
 
 
 def machine_figure(results: dict, figure: MachineFigure) -> tuple[str, float | None]:
     """The figure's dotted path under machine.measured (precision filled in), and its value if present and > 0."""
-    precision = _get(results, figure.precision_at) if figure.precision_at else None
+    precision = value_at(results, figure.precision_at) if figure.precision_at else None
     path = figure.path.format(precision=precision if isinstance(precision, str) else "fp32")
-    value = lookup(results, f"machine.measured.{path}")
+    value = number_at(results, f"machine.measured.{path}")
     return path, value if value is not None and value > 0 else None
 
 
@@ -187,7 +172,7 @@ def compare(baseline: dict, candidate: dict, thresholds: Mapping[str, float], ra
     default_by = RAW if raw or unmeasured(baseline, candidate) else NORMALISED
     rows = []
     for path, metric in METRICS.items():
-        base, cand = lookup(baseline, path), lookup(candidate, path)
+        base, cand = number_at(baseline, path), number_at(candidate, path)
         if base is None and cand is None:
             continue
         threshold = thresholds.get(path, metric.threshold)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench.schema import METRICS
+from bench.schema import METRICS, number_at
 
 # The stages a repeat runs again (data generation is made once and reused).
 REPEATED_STAGES = ("preprocess", "train", "evaluate", "inference")
@@ -20,14 +20,6 @@ REPEATED_STAGES = ("preprocess", "train", "evaluate", "inference")
 
 def repeated_metrics() -> list[str]:
     return [path for path in METRICS if path.split(".")[0] == "stages" and path.split(".")[1] in REPEATED_STAGES]
-
-
-def _get(tree: dict, dotted: str) -> object:
-    for key in dotted.split("."):
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
 
 
 def _set(tree: dict, dotted: str, value: float) -> None:
@@ -41,8 +33,8 @@ def sample(results: dict, stages: tuple[str, ...] = REPEATED_STAGES) -> dict[str
     """The repeated metrics of ``stages`` as they stand in the results now."""
     out = {}
     for path in repeated_metrics():
-        value = _get(results, path)
-        if path.split(".")[1] in stages and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = number_at(results, path)
+        if path.split(".")[1] in stages and value is not None:
             out[path] = float(value)
     return out
 

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter, StrMethodFormatter
 
 from bench.fsutil import atomic_write_text, read_json
+from bench.schema import value_at
 
 REPORT_NAME = "report.html"
 
@@ -66,15 +67,6 @@ def fmt(value: Cell) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return str(value)
-
-
-def get(obj: dict, dotted: str) -> Cell:
-    """``get(results, "stages.evaluate.auc")``: the value at a dotted path, None where any part is missing."""
-    for part in dotted.split("."):
-        if not isinstance(obj, dict) or part not in obj:
-            return None
-        obj = obj[part]
-    return obj
 
 
 def table(rows: Iterable[Row], header: Sequence[str] | None = None, caption: str | None = None) -> str:
@@ -173,7 +165,7 @@ def timeline_section(results: dict) -> str:
     rows = timeline_rows(results)
     if not rows:
         return note("No stage ran in this run.")
-    total = get(results, "total_seconds")
+    total = value_at(results, "total_seconds")
     return "\n".join([
         image(timeline_figure(rows, total), "stage timeline"),
         table([(name, start, seconds, round(start + seconds, 3), reused) for name, start, seconds, reused in rows],
@@ -208,8 +200,8 @@ def training_figure(curve: list[dict], train: dict, evaluate: dict) -> Figure:
 
 
 def training_section(results: dict) -> str:
-    train = get(results, "stages.train") or {}
-    evaluate = get(results, "stages.evaluate") or {}
+    train = value_at(results, "stages.train") or {}
+    evaluate = value_at(results, "stages.evaluate") or {}
     if not train and not evaluate:
         return note("Training did not run in this run.")
     curve = train.get("auc_curve") or []
@@ -263,7 +255,7 @@ def sweep_figure(points: list[dict]) -> Figure:
 
 
 def sweep_section(results: dict) -> str:
-    inference = get(results, "stages.inference") or {}
+    inference = value_at(results, "stages.inference") or {}
     points = sweep_points(inference)
     if not points:
         return note("Inference did not run in this run.")
@@ -273,7 +265,7 @@ def sweep_section(results: dict) -> str:
                           "the plot shows its one measured batch size."))
     parts.append(image(sweep_figure(points), "inference throughput and latency by batch size"))
     parts.append(table(
-        [(p.get("batch_size"), p.get("samples_per_s"), get(p, "latency_ms.p50"), get(p, "latency_ms.p99"))
+        [(p.get("batch_size"), p.get("samples_per_s"), value_at(p, "latency_ms.p50"), value_at(p, "latency_ms.p99"))
          for p in points],
         ["batch size", "samples/s", "p50 latency ms", "p99 latency ms"], "Inference by batch size"))
     return "\n".join(parts)
@@ -301,7 +293,7 @@ SUMMARY = [
 
 
 def summary_section(results: dict) -> str:
-    rows = [(label, get(results, path), unit) for label, path, unit in SUMMARY if get(results, path) is not None]
+    rows = [(label, value_at(results, path), unit) for label, path, unit in SUMMARY if value_at(results, path) is not None]
     return table(rows, ["figure", "value", "unit"])
 
 
@@ -324,11 +316,11 @@ def environment_section(results: dict) -> str:
 
 def header_section(results: dict) -> str:
     status = str(results.get("status"))
-    sha = get(results, "git.sha")
+    sha = value_at(results, "git.sha")
     rows = [
         ("run", results.get("run_id")), ("profile", results.get("profile")), ("status", status),
         ("started", results.get("started_at")), ("finished", results.get("finished_at")),
-        ("git", f"{sha}{' (uncommitted changes)' if get(results, 'git.dirty') else ''}" if sha else None),
+        ("git", f"{sha}{' (uncommitted changes)' if value_at(results, 'git.dirty') else ''}" if sha else None),
     ]
     parts = [f'<h1>DLRM benchmark run {html.escape(str(results.get("run_id")))} '
              f'<span class="status-{html.escape(status)}">{html.escape(status)}</span></h1>',

@@ -87,6 +87,22 @@ METRICS: dict[str, Metric] = {
 }
 
 
+def value_at(results: dict, dotted: str) -> object:
+    """``value_at(results, "stages.evaluate.auc")``: the value at a dotted path, None where any part is missing."""
+    node: object = results
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def number_at(results: dict, dotted: str) -> float | None:
+    """The number at a dotted path, or None when the path is absent or null (e.g. a stage never ran)."""
+    node = value_at(results, dotted)
+    return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
 class ResultsInvalid(ValueError):
     """A results dict that does not match the schema; the message is one line naming the JSON path."""
 
