@@ -12,6 +12,7 @@ SETTINGS  := $(if $(DAYS),--set data.days=$(DAYS)) \
              $(if $(DATA),--set data.source=$(DATA)) \
              $(if $(DATA_DIR),--set data.dir=$(DATA_DIR)) \
              $(if $(SPARK),--set preprocess.engine=$(SPARK)) \
+             $(if $(SPARK_MASTER),--set preprocess.master=$(SPARK_MASTER)) \
              $(if $(RANKS_PER_NODE),--set train.ranks_per_node=$(RANKS_PER_NODE)) \
              $(if $(RAY_ADDRESS),--set cluster.ray_address=$(RAY_ADDRESS)) \
              $(if $(LAUNCHER),--set cluster.launcher=$(LAUNCHER)) \
@@ -36,7 +37,7 @@ help:
 	@echo "make docker-small            make small in the runtime image (docker/Dockerfile)"
 	@echo "make docker-full NODES=4     make full on a Ray head + NODES workers (docker/compose.yaml)"
 	@echo "make setup-ipex / small-ipex venv .venv-ipex with torch 2.8 + Intel Extension for PyTorch, and make small with it"
-	@echo "variables:   DAYS ROWS_PER_DAY DATA DATA_DIR SPARK NODES RANKS_PER_NODE RAY_ADDRESS LAUNCHER MPIEXEC RESULTS_DIR REPEAT SET='section.key=value ...'"
+	@echo "variables:   DAYS ROWS_PER_DAY DATA DATA_DIR SPARK SPARK_MASTER NODES RANKS_PER_NODE RAY_ADDRESS LAUNCHER MPIEXEC RESULTS_DIR REPEAT SET='section.key=value ...'"
 
 $(STAMP): requirements.txt
 	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH; install Python 3.11"; exit 1; }

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,7 +145,9 @@ def ray_cluster(cfg: Config) -> Iterator[dict]:
 @contextmanager
 def spark_session(cfg: PreprocessConfig, scratch: Path, app: str = "dlrm-preprocess",
                   spread: bool = False) -> Iterator[object]:
-    """Spark with executors as Ray actors (RayDP), or plain local Spark; stopped on exit.
+    """Spark with executors as Ray actors (RayDP), plain local Spark, or an existing Spark cluster
+    (``engine: master``; its workers must see this repository, the venv and the data at the same paths);
+    stopped on exit.
 
     ``spread``: RayDP places the executors over the Ray nodes (a SPREAD placement group of its own).
     """
@@ -185,13 +188,29 @@ def spark_session(cfg: PreprocessConfig, scratch: Path, app: str = "dlrm-preproc
     else:
         from pyspark.sql import SparkSession
 
-        builder = SparkSession.builder.appName(app).master(f"local[{cfg.executors * cfg.executor_cores}]")
+        if cfg.engine == "master":  # an existing cluster: ask it for executors of the configured size
+            master = cfg.master
+            conf.update({"spark.executor.cores": str(cfg.executor_cores), "spark.executor.memory": cfg.executor_memory,
+                         "spark.cores.max": str(cfg.executors * cfg.executor_cores)})
+        else:
+            master = f"local[{cfg.executors * cfg.executor_cores}]"
+        builder = SparkSession.builder.appName(app).master(master)
         for key, value in conf.items():
             builder = builder.config(key, value)
         spark = builder.getOrCreate()
         stop = spark.stop
     spark.sparkContext.setLogLevel("ERROR")
     try:
+        if cfg.engine == "master":
+            # Executors register after the session starts; wait, so the job sees every core it asked for.
+            deadline = time.monotonic() + 120
+            while (got := spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size() - 1) < cfg.executors:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the Spark master {cfg.master} started {got} of {cfg.executors} executors in 120 s; check "
+                        f"that its workers have {cfg.executor_cores} free cores and {cfg.executor_memory} of memory "
+                        "for each")
+                time.sleep(0.2)
         yield spark
     finally:
         try:

@@ -10,6 +10,7 @@ results file.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -56,12 +57,31 @@ class DataConfig(_Section):
 
 
 class PreprocessConfig(_Section):
-    engine: Literal["raydp", "local"]
+    engine: Literal["raydp", "local", "master"] = Field(
+        description="raydp: Spark executors as Ray actors; local: local[executors x cores]; master: an existing "
+                    "Spark cluster, named by master")
+    master: str | None = Field(default=None, description="spark://host:port[,host:port...]; only with engine master")
     executors: int = Field(ge=1)
     executor_cores: int = Field(ge=1)
     executor_memory: str = Field(pattern=r"^\d+[mg]$")
     freq_threshold: int = Field(ge=0, description="values seen fewer times in training map to id 0")
     max_ind_range: int = Field(default=0, ge=0, description="cap on each table's ids (hashed into range); 0 = off")
+
+    @field_validator("master")
+    @classmethod
+    def _spark_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"spark://[^\s/:,]+:\d+(,[^\s/:,]+:\d+)*", v):
+            raise ValueError("must be a Spark master URL, spark://host:port (several host:port for standby masters)")
+        return v
+
+    @model_validator(mode="after")
+    def _master_only_with_its_engine(self) -> "PreprocessConfig":
+        if self.engine == "master" and self.master is None:
+            raise ValueError("engine master needs preprocess.master=spark://host:port, the URL of the Spark master")
+        if self.engine != "master" and self.master is not None:
+            raise ValueError(f"preprocess.master is only used with engine master (engine is {self.engine}); "
+                             "set preprocess.master=null, or preprocess.engine=master")
+        return self
 
 
 class ModelConfig(_Section):

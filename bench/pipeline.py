@@ -184,6 +184,7 @@ def spark_preprocess(run: Run, train_files: list[Path], eval_files: list[Path], 
         "spark_warmup_seconds": round(warmup, 3),
         "job_seconds": round(statistics.median(job_seconds), 3),
         "rows_per_s": round(statistics.median(rates), 1),
+        "rows_per_s_per_core": round(statistics.median(rates) / manifest["timing"]["cores"], 1),
         "parse_floor_rows_per_s": round(floor, 1),
     }
     atomic_write_json(out / layout.MANIFEST, manifest)

@@ -18,6 +18,7 @@ import pytest
 from bench.config import resolve
 from preprocess import spark_job
 from preprocess.layout import ProcessedData, cat_name
+from preprocess.ranges import RANGE_BYTES
 from tests.conftest import criteo_line, write_day
 
 BIG = "ffffffff"  # 2^32 - 1: above 2^24, so a float32 round trip would corrupt it
@@ -141,11 +142,15 @@ def test_oov_rows_and_columns_are_counted(job):
 def test_peak_memory_and_step_times_are_recorded(job):
     timing = job[0]["timing"]
     assert set(timing["steps_seconds"]) == {"parse_and_count", "vocabularies", "map_and_write", "checksums"}
+    assert timing["job_seconds"] >= sum(timing["steps_seconds"].values()) - 0.01
+    assert timing["cores"] == 2  # the tiny profile: 2 executors x 1 core
+    assert timing["rows_per_s"] == pytest.approx(904 / timing["job_seconds"], rel=0.01)
+    assert timing["rows_per_s_per_core"] == pytest.approx(timing["rows_per_s"] / 2, rel=0.01)
     assert timing["peak_rss_bytes"]["driver"] > 50 << 20  # this process and the JVM
     assert timing["peak_rss_bytes"]["executors"] > 10 << 20  # Spark's Python workers
 
 
-def _job_in_subprocess(raw: Path, out: Path, scratch: Path, cores: int, split_bytes: int) -> dict:
+def _job_in_subprocess(raw: Path, out: Path, scratch: Path, cores: int, range_bytes: int) -> dict:
     """The job in a fresh local[cores] Spark (one JVM per process holds one session)."""
     code = f"""
 import json, sys
@@ -156,7 +161,7 @@ from preprocess import spark_job
 cfg = resolve("tiny", ["preprocess.engine=local", "preprocess.executors=1", "preprocess.executor_cores={cores}"])
 with cluster.spark_session(cfg.preprocess, Path({str(scratch)!r})) as spark:
     m = spark_job.run(spark, cfg.preprocess, [Path({str(raw / "day_0")!r}), Path({str(raw / "day_1")!r})],
-                      [Path({str(raw / "day_2")!r})], Path({str(out)!r}), split_bytes={split_bytes})
+                      [Path({str(raw / "day_2")!r})], Path({str(out)!r}), range_bytes={range_bytes})
 print("MANIFEST" + json.dumps(m))
 """
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
@@ -169,12 +174,12 @@ def test_output_is_byte_identical_whatever_the_cores_and_splits(job, local_spark
     manifest, out, _, _ = job
     raw = out.parent
     cfg = resolve("tiny", ["preprocess.engine=local", "preprocess.freq_threshold=2"]).preprocess
-    # local[2] with ranges of 9973 bytes: lines cut mid-way, dozens of tasks
+    # local[2] with ranges of 9973 bytes: lines cut mid-way, dozens of ranges
     small = spark_job.run(local_spark, cfg, [raw / "day_0", raw / "day_1"], [raw / "day_2"], tmp_path / "small",
-                          split_bytes=9973)
+                          range_bytes=9973)
     assert small["timing"]["input_ranges"] == 25
     # local[1] in its own JVM, ranges of 1 MB: one task per file
-    one = _job_in_subprocess(raw, tmp_path / "one", tmp_path / "scratch", cores=1, split_bytes=1 << 20)
+    one = _job_in_subprocess(raw, tmp_path / "one", tmp_path / "scratch", cores=1, range_bytes=1 << 20)
     assert one["timing"]["input_ranges"] == 3
     assert small["files"] == manifest["files"] == one["files"]
     for name, info in manifest["files"].items():
@@ -199,15 +204,15 @@ def test_max_ind_range_hashes_values_before_counting(job, local_spark, tmp_path)
     assert manifest["max_ind_range"] == m
 
 
-@pytest.mark.parametrize("split_bytes", [spark_job.SPLIT_BYTES, 9973])  # a gzip day in one chunk, or in many
-def test_gzip_days_read_like_plain_ones(job, local_spark, tmp_path, split_bytes):
+@pytest.mark.parametrize("range_bytes", [RANGE_BYTES, 9973])  # a gzip day in one chunk, or in many
+def test_gzip_days_read_like_plain_ones(job, local_spark, tmp_path, range_bytes):
     manifest, out, _, _ = job
     raw = out.parent
     for day in ("day_0", "day_2"):
         (tmp_path / f"{day}.gz").write_bytes(gzip.compress((raw / day).read_bytes()))
     cfg = resolve("tiny", ["preprocess.engine=local", "preprocess.freq_threshold=2"]).preprocess
     again = spark_job.run(local_spark, cfg, [tmp_path / "day_0.gz", raw / "day_1"], [tmp_path / "day_2.gz"],
-                          tmp_path / "out", split_bytes=split_bytes)
+                          tmp_path / "out", range_bytes=range_bytes)
     assert again["files"] == manifest["files"]
     assert again["rows_rejected"] == manifest["rows_rejected"]
     assert again["oov_rows"] == manifest["oov_rows"]
@@ -223,93 +228,6 @@ def test_truncated_gzip_is_a_one_line_error_naming_the_file(local_spark, tmp_pat
     message = str(err.value)
     assert "\n" not in message and str(gz) in message and "truncated gzip" in message
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
-
-
-# --- parsing and input ranges, without Spark ------------------------------------------------------
-
-
-def _line(label="1", ints=None, cats=None) -> str:
-    return "\t".join([label, *(ints or ["1"] * 13), *(cats or ["0000abcd"] * 26)])
-
-
-@pytest.mark.parametrize(
-    "line, ok",
-    [
-        (_line(), True),
-        (_line(ints=[""] * 13, cats=[""] * 26), True),
-        (_line(ints=["-5", "007", "123456789012345678", "-123456789012345678"] + ["0"] * 9), True),
-        (_line(cats=["ABCDEF01", "ffffffff"] + [""] * 24), True),
-        (_line(label="01"), False),
-        (_line(label="2"), False),
-        (_line(label=""), False),
-        (_line(ints=["+5"] + ["1"] * 12), False),
-        (_line(ints=[" 5"] + ["1"] * 12), False),
-        (_line(ints=["0x10"] + ["1"] * 12), False),
-        (_line(ints=["1234567890123456789"] + ["1"] * 12), False),  # 19 digits
-        (_line(ints=["0000000000000000001"] + ["1"] * 12), False),  # 19 digits, small value
-        (_line(ints=["-"] + ["1"] * 12), False),
-        (_line(ints=["1-2"] + ["1"] * 12), False),
-        (_line(ints=["--1"] + ["1"] * 12), False),
-        (_line(ints=["1.5"] + ["1"] * 12), False),
-        (_line(cats=["0000abc"] + ["0000abcd"] * 25), False),
-        (_line(cats=["0000abcg"] + ["0000abcd"] * 25), False),
-        (_line(cats=["0000abcd0"] + ["0000abcd"] * 25), False),
-        (_line() + "\textra", False),
-        ("1\t2\t3", False),
-        ("", False),
-    ],
-)
-def test_parse_rules(line, ok):
-    buf = (_line() + "\n" + line + "\n" + _line() + "\n").encode()
-    parsed = spark_job.parse_chunk(buf)
-    assert (len(parsed), parsed.rejected) == ((3, 0) if ok else (2, 1))
-    if not ok:
-        assert parsed.sample == [line]
-
-
-def test_a_line_that_is_not_utf8_is_rejected_alone():
-    buf = (_line() + "\n").encode() + b"1\t\xff" + (_line()[1:] + "\n").encode()[2:] + (_line() + "\n").encode()
-    parsed = spark_job.parse_chunk(buf)
-    assert (len(parsed), parsed.rejected) == (2, 1)
-    assert "\ufffd" in parsed.sample[0]
-
-
-def test_parsed_values_are_exact():
-    lines = [_line("0", ["", "-3", "999999999999999999"] + ["0"] * 10,
-                   ["ffffffff", "", "0000000a"] + ["00000001"] * 23),
-             _line("1", ["1"] * 13, ["DEADBEEF"] + [""] * 25)]
-    parsed = spark_job.parse_chunk(("\n".join(lines) + "\n").encode())
-    assert parsed.label.tolist() == [0, 1]
-    assert [d[0] for d in parsed.dense[:3]] == [0.0, 0.0, np.float32(math.log1p(999999999999999999))]
-    assert parsed.sparse[0].to_pylist() == [0xFFFFFFFF, 0xDEADBEEF]
-    assert parsed.sparse[1].to_pylist() == [None, None]
-    assert parsed.sparse[2].to_pylist() == [10, None]
-    hashed = spark_job.parse_chunk(("\n".join(lines) + "\n").encode(), max_ind_range=1000)
-    assert hashed.sparse[0].to_pylist() == [0xFFFFFFFF % 1000, 0xDEADBEEF % 1000]
-
-
-def test_large_chunks_are_parsed_in_pieces(monkeypatch):
-    monkeypatch.setattr(spark_job, "PIECE_BYTES", 1000)
-    lines = [criteo_line(*r) for r in _rows(5, 60)] + ["bad\n"] + [criteo_line(*r) for r in _rows(6, 60)]
-    whole = "".join(lines).encode()
-    parsed = spark_job.parse_chunk(whole)
-    assert (len(parsed), parsed.rejected, parsed.sample) == (120, 1, ["bad"])
-    monkeypatch.setattr(spark_job, "PIECE_BYTES", 1 << 30)
-    assert parsed.batch().equals(spark_job.parse_chunk(whole).batch())
-
-
-@pytest.mark.parametrize("split_bytes", [1, 7, 100, 4096, 1 << 20])
-def test_input_ranges_cover_every_line_once(tmp_path, split_bytes):
-    lines = [f"{i}\t" + "x" * (i % 13) + "\n" for i in range(300)] + ["\n", "last line without newline"]
-    day = tmp_path / "day_0"
-    day.write_text("".join(lines))
-    empty = write_day(tmp_path / "day_1", [])
-    splits = spark_job.plan_splits([day, empty], [day], split_bytes)
-    assert [s.index for s in splits] == list(range(len(splits)))
-    train = b"".join(c for s in splits if s.train and s.path == str(day) for c in spark_job.read_chunks(s))
-    assert train == day.read_bytes()
-    assert all(not list(spark_job.read_chunks(s)) for s in splits if s.path == str(empty))
-    assert [s.train for s in splits].count(False) == max(1, -(-day.stat().st_size // split_bytes))
 
 
 def test_parse_floor_is_a_rate(tmp_path):
