@@ -77,6 +77,15 @@ def cpus(cfg: Config) -> int:
     return max(1, (os.cpu_count() or 1) // simulated)
 
 
+def spark_executors(cfg: Config) -> PreprocessConfig:
+    """The preprocessing settings with ``executors`` resolved: 0 means one executor per
+    ``executor_cores`` cores on every node of the cluster."""
+    if cfg.preprocess.executors:
+        return cfg.preprocess
+    per_node = max(1, cpus(cfg) // cfg.preprocess.executor_cores)
+    return cfg.preprocess.model_copy(update={"executors": per_node * cfg.cluster.nodes})
+
+
 def simulated_cores(index: int, per_node: int) -> list[int]:
     """The host cores simulated node ``index`` stands for: consecutive, wrapping round the machine."""
     total = os.cpu_count() or 1
@@ -155,7 +164,7 @@ def spark_session(cfg: PreprocessConfig, scratch: Path, app: str = "dlrm-preproc
         "spark.pyspark.python": sys.executable,
         "spark.pyspark.driver.python": sys.executable,
         "spark.executorEnv.PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-        "spark.local.dir": str(scratch),
+        "spark.local.dir": str(cfg.local_dir or scratch),
         "spark.sql.shuffle.partitions": str(max(2, cfg.executors * cfg.executor_cores * 2)),
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",

@@ -61,9 +61,13 @@ class PreprocessConfig(_Section):
         description="raydp: Spark executors as Ray actors; local: local[executors x cores]; master: an existing "
                     "Spark cluster, named by master")
     master: str | None = Field(default=None, description="spark://host:port[,host:port...]; only with engine master")
-    executors: int = Field(ge=1)
+    executors: int = Field(ge=0, description="Spark executors; 0: as many as the cluster's nodes hold "
+                                             "(cores per node // executor_cores, on every node)")
     executor_cores: int = Field(ge=1)
     executor_memory: str = Field(pattern=r"^\d+[mg]$")
+    local_dir: Path | None = Field(
+        default=None, description="Spark's shuffle and scratch folder on every node (the same path on each); "
+                                  "None: the run folder's spark-scratch")
     freq_threshold: int = Field(ge=0, description="values seen fewer times in training map to id 0")
     max_ind_range: int = Field(default=0, ge=0, description="cap on each table's ids (hashed into range); 0 = off")
 

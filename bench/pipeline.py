@@ -156,17 +156,18 @@ def spark_preprocess(run: Run, train_files: list[Path], eval_files: list[Path], 
     deleted); return the manifest with its timing: the job's rows/s (the median), Spark start-up and
     warm-up apart, and the parse floor of the same files."""
     cfg = run.cfg
+    spark_cfg = cluster.spark_executors(cfg)
     start = time.perf_counter()
     job_seconds = []
     with run.reporter.task("spark job steps", total=spark_job.STEPS * cfg.repeat) as task:
-        with cluster.spark_session(cfg.preprocess, run.dir / "spark-scratch", spread=cfg.cluster.nodes > 1) as spark:
+        with cluster.spark_session(spark_cfg, run.dir / "spark-scratch", spread=cfg.cluster.nodes > 1) as spark:
             startup = time.perf_counter() - start
             # A tiny job first, so the figure measures the job, not JIT and worker start-up.
-            warmup = spark_job.warm_up(spark, cfg.preprocess, run.dir / "spark-warmup")
+            warmup = spark_job.warm_up(spark, spark_cfg, run.dir / "spark-warmup")
             for attempt in range(cfg.repeat):
                 target = out if attempt == 0 else run.dir / "preprocess-repeat"
                 job_start = time.perf_counter()
-                made = spark_job.run(spark, cfg.preprocess, train_files, eval_files, target, progress=task.note)
+                made = spark_job.run(spark, spark_cfg, train_files, eval_files, target, progress=task.note)
                 job_seconds.append(time.perf_counter() - job_start)
                 if attempt == 0:
                     manifest = made

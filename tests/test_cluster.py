@@ -67,3 +67,10 @@ def test_placement_lists_ranks_node_by_node():
     place = cluster.Placement([{"node_id": "a", "ip": "x", "cpus": 2, "cores": [0, 1], "ranks": 2},
                                {"node_id": "b", "ip": "x", "cpus": 2, "cores": None, "ranks": 2}])
     assert [(r["rank"], r["node_id"]) for r in place.ranks()] == [(0, "a"), (1, "a"), (2, "b"), (3, "b")]
+
+
+def test_zero_executors_fill_every_node():
+    cfg = resolve("tiny", ["preprocess.executors=0", "cluster.nodes=3", "cluster.cpus_per_node=4",
+                           "preprocess.executor_cores=2"])
+    assert cluster.spark_executors(cfg).executors == 6
+    assert cluster.spark_executors(resolve("tiny")).executors == 2
