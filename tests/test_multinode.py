@@ -139,3 +139,18 @@ def test_open_mpi_launches_the_ranks_through_the_ray_agent_on_two_nodes(tmp_path
     assert r["cluster"]["launcher"] == "ray" and len({p["node_id"] for p in r["cluster"]["placement"]}) == 2
     assert 0.70 < r["stages"]["evaluate"]["auc"] < 0.85
     assert not engine_processes()
+
+
+@pytest.mark.integration
+def test_a_named_cluster_short_of_nodes_is_refused_before_any_work(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        proc, r = run_pipeline(tmp_path, f"cluster.ray_address={head.address}", "cluster.nodes=2",
+                               "cluster.cpus_per_node=1")
+    finally:
+        head.shutdown()
+    assert proc.returncode == 1 and r["status"] == "failed"
+    assert "the Ray cluster has 1 node(s) with 1+ CPUs, the run needs 2" in r["error"]
+    assert r["stages"] == {} and not (tmp_path / "data").exists()  # nothing generated, nothing lost
