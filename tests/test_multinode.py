@@ -154,3 +154,20 @@ def test_a_named_cluster_short_of_nodes_is_refused_before_any_work(tmp_path):
     assert proc.returncode == 1 and r["status"] == "failed"
     assert "the Ray cluster has 1 node(s) with 1+ CPUs, the run needs 2" in r["error"]
     assert r["stages"] == {} and not (tmp_path / "data").exists()  # nothing generated, nothing lost
+
+
+@pytest.mark.integration
+def test_scaling_writes_one_results_file_per_point_and_a_summary(tmp_path):
+    proc = subprocess.run(
+        [MAKE, "--no-print-directory", "scaling", "PROFILE=tiny", "NODES=2,1", "RANKS_PER_NODE=1", "SPARK=local",
+         f"DATA_DIR={tmp_path / 'data'}", f"RESULTS_DIR={tmp_path / 'results'}", "SET=inference.variants=[fp32]"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = sorted((tmp_path / "results").glob("tiny-*.json"))
+    assert [json.loads(p.read_text())["cluster"]["nodes"] for p in runs] == [1, 2]
+    [summary_file] = (tmp_path / "results").glob("scaling-*.json")
+    points = json.loads(summary_file.read_text())["points"]
+    assert [(p["nodes"], p["ranks"], p["status"]) for p in points] == [(1, 1, "succeeded"), (2, 2, "succeeded")]
+    assert points[0]["efficiency"] == 1.0 and points[1]["speedup"] == round(
+        points[1]["samples_per_s"] / points[0]["samples_per_s"], 4)
+    assert "efficiency says nothing about a real cluster" in proc.stdout
