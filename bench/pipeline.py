@@ -231,7 +231,9 @@ def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | No
             backend=out["backend"], ipex=out["ipex"], threads_per_rank=out.get("threads_per_rank"),
             precision=out["precision"], lr_schedule=out["lr_schedule"], early_stopped=out["early_stopped"],
             resumed_from_step=out["resumed_from_step"], peak_rss_bytes=out["peak_rss_bytes"],
-            auc_curve=out["auc_curve"],
+            auc_curve=out["auc_curve"], sharding=out["sharding"], loader=out["loader"],
+            memory_estimate_bytes=out["memory_estimate_bytes"], phase_seconds=out["phase_seconds"],
+            ccl_environment=out["ccl_environment"],
         )
         rec["roofline_fraction"] = train_roofline_fraction(run, out["samples_per_s"], rec["precision"])
         for entry, pinned in zip(run.results["cluster"].get("placement", []), out["pinning"]):

@@ -109,13 +109,18 @@ def _share(cores: list[int], info: RankInfo) -> tuple[list[int], bool]:
     return cores[start:start + per_rank], False
 
 
-def pin_threads(info: RankInfo, cores: list[int] | None = None, max_threads: int | None = None) -> dict:
+def pin_threads(info: RankInfo, cores: list[int] | None = None, max_threads: int | None = None,
+                ccl_worker: bool = False) -> dict:
     """Give this rank its own share of the node's cores and as many intra-op threads.
 
     ``cores``: the node's cores shared by all local ranks; None means this process's
     current affinity (mpiexec without binding gives every rank the whole node).
     Leftover cores (when they do not divide evenly) stay unused so ranks are equal.
     ``max_threads`` (e.g. the launcher's OMP_NUM_THREADS) caps the share.
+    ``ccl_worker``: also place oneCCL's worker thread (see ccl_environment): on a core of
+    the share the compute threads do not use; failing that, on the last of two or more
+    compute cores, taken from the compute threads (Intel's DLRM layout); a rank with one
+    core shares it with its worker (there is nothing to give it).
     """
     if cores is None:
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
@@ -123,16 +128,31 @@ def pin_threads(info: RankInfo, cores: list[int] | None = None, max_threads: int
     cores = sorted(cores)
     if not cores:
         raise ValueError("no cores to pin to")
-    mine, oversubscribed = _share(cores, info)
-    if max_threads is not None:
-        mine = mine[:max(1, max_threads)]
+    share, oversubscribed = _share(cores, info)
+    mine = share if max_threads is None else share[:max(1, max_threads)]
+    worker = None
+    if ccl_worker:
+        spare = [core for core in share if core not in mine]
+        if not spare and len(mine) >= 2:
+            mine, spare = mine[:-1], mine[-1:]
+        worker = spare[:1] or mine[-1:]
     pinned = False
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, mine)
         pinned = True
     torch.set_num_threads(len(mine))
-    return {"cores": mine, "threads": len(mine), "pinned": pinned,
-            "oversubscribed": oversubscribed}
+    record = {"cores": mine, "threads": len(mine), "pinned": pinned, "oversubscribed": oversubscribed}
+    if worker is not None:
+        record["ccl_worker_cores"] = worker
+    return record
+
+
+def ccl_environment(pinning: dict) -> dict[str, str]:
+    """oneCCL's settings for a rank pinned by pin_threads(ccl_worker=True): one worker thread
+    (it progresses the rank's collectives; one is plenty for one rank's traffic), on the core
+    pin_threads chose. oneCCL reads them when its first communicator is created, so they
+    must be in the environment before the process group is."""
+    return {"CCL_WORKER_COUNT": "1", "CCL_WORKER_AFFINITY": ",".join(str(c) for c in pinning["ccl_worker_cores"])}
 
 
 def init(info: RankInfo, backend: str, timeout_s: float = 1800.0) -> None:
@@ -171,33 +191,29 @@ def broadcast(obj: object, src: int = 0) -> object:
     return box[0]
 
 
-def allreduce_sparse_grads(weights: list[torch.Tensor]) -> None:
-    """Average the embedding tables' sparse gradients over all ranks in ONE collective.
+class GradientBuffer:
+    """The gradients of ``params`` as views of one flat tensor, averaged over the ranks in ONE all-reduce.
 
-    DDP would all-reduce each table separately, and every sparse all-reduce pays a
-    fixed cost (gloo: all-gather of sizes, then of indices and values): 26 tables
-    took ~160 ms per step on 2 ranks of a 2-core machine, one stacked tensor ~9 ms.
-    So the tables are stacked row-wise (table c's row j is row offset[c] + j), reduced
-    once, and cut apart again.
+    Data parallelism for the MLPs (and small dense-gradient tables) without DDP: on a rank
+    with one core there is nothing to overlap the all-reduce with, and one collective on one
+    buffer, with no copies in or out, beats DDP's per-step bookkeeping. backward accumulates
+    into the views in place, so the buffer is zeroed (``zero``) instead of the gradients
+    being set to None (an optimizer's zero_grad must not be called on these parameters).
     """
-    world_size = dist.get_world_size()
-    if world_size == 1:
-        return
-    dim = weights[0].shape[1]
-    row_offsets = [0]
-    for weight in weights:
-        row_offsets.append(row_offsets[-1] + weight.shape[0])
-    # Coalesce first: a batch touches many rows more than once, so this shrinks the message.
-    grads = [weight.grad.coalesce() for weight in weights]
-    indices = torch.cat([g.indices()[0] + offset for g, offset in zip(grads, row_offsets)])
-    values = torch.cat([g.values() for g in grads])
-    stacked = torch.sparse_coo_tensor(indices.unsqueeze(0), values, (row_offsets[-1], dim), is_coalesced=True)
-    dist.all_reduce(stacked)  # sum over ranks, in place
-    stacked = stacked.coalesce()
-    indices, values = stacked.indices()[0], stacked.values() / world_size
-    # Coalesced indices are sorted, so each table's rows are one contiguous run.
-    bounds = torch.searchsorted(indices, torch.tensor(row_offsets, dtype=indices.dtype)).tolist()
-    for c, weight in enumerate(weights):
-        start, stop = bounds[c], bounds[c + 1]
-        weight.grad = torch.sparse_coo_tensor((indices[start:stop] - row_offsets[c]).unsqueeze(0),
-                                              values[start:stop], weight.shape, is_coalesced=True)
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.flat = torch.zeros(sum(p.numel() for p in params))
+        offset = 0
+        for param in params:
+            param.grad = self.flat[offset:offset + param.numel()].view_as(param)
+            offset += param.numel()
+
+    def zero(self) -> None:
+        self.flat.zero_()
+
+    def average(self) -> None:
+        """Every rank's gradients replaced by their mean over the ranks."""
+        world_size = dist.get_world_size()
+        if world_size > 1:
+            dist.all_reduce(self.flat)  # sum (gloo has no average)
+            self.flat.div_(world_size)

@@ -1,21 +1,26 @@
 """DLRM (Naumov et al., 2019): the click model being benchmarked.
 
     dense [B, 13] ──> bottom MLP ──> x [B, d] ─┐
-    ids   [B, 26] ──> 26 embedding tables ──> e_1..e_26 [B, d] ─┤
-                                                               ├─> dot interaction ─> top MLP ─> logit [B]
-    T = stack(x, e_1..e_26)            [B, 27, d]
+    ids   [B, 26] ──> 26 embedding tables ──> E [B, 26, d] ─┤
+                                                           ├─> dot interaction ─> top MLP ─> logit [B]
+    T = cat(x, E)                      [B, 27, d]
     Z = T Tᵀ                           [B, 27, 27]   every pairwise dot product
     features = cat(x, tril(Z, -1))     [B, d + 351]  each pair once, no self-products
 
-Embedding tables produce *sparse* gradients (only the rows a batch touched),
-so the optimizer and the all-reduce only move those rows, as in the reference.
+The 26 tables live end to end in one weight (EmbeddingTables), so a batch is one
+lookup and its gradient one *sparse* tensor holding only the rows the batch touched;
+the optimizer and the all-reduce only move those rows, as in the reference.
+In training, ``dlrm.sharding.ShardedEmbeddings`` takes the tables' place: the same
+[B, 26, d] from tables spread over the ranks.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench.config import NUM_DENSE, ModelConfig
@@ -27,22 +32,113 @@ def mlp(in_features: int, sizes: list[int], relu_last: bool) -> nn.Sequential:
     for i, out_features in enumerate(sizes):
         layers.append(nn.Linear(in_features, out_features))
         if i < len(sizes) - 1 or relu_last:
-            layers.append(nn.ReLU())
+            layers.append(nn.ReLU(inplace=True))  # on the Linear's fresh output: no extra tensor
         in_features = out_features
     return nn.Sequential(*layers)
 
 
-def dot_interaction(bottom: torch.Tensor, embeddings: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate the bottom output with the pairwise dot products of all 27 feature vectors.
+class EmbeddingTables(nn.Module):
+    """Some of the model's tables stored end to end: row j of the i-th is weight row offsets[i] + j.
 
-    bottom [B, d], embeddings 26 x [B, d] -> [B, d + 27*26/2].
+    ``tables``: which of the model's tables these are (their numbers), ``rows``: their sizes.
+    Looking up every table of a batch is one index_select; its gradient is one sparse
+    tensor of the touched rows (nn.functional.embedding's sparse path: no dense
+    [rows, d] gradient is ever made), or with ``sparse=False`` a dense one, cheaper for
+    tables so small that a batch touches most of their rows anyway.
     """
-    t = torch.stack([bottom, *embeddings], dim=1)  # [B, F, d]
-    z = torch.bmm(t, t.transpose(1, 2))  # [B, F, F], symmetric
-    num_features = t.shape[1]
-    # Strictly lower triangle: each unordered pair once; the diagonal (|v|²) is left out.
-    rows, cols = torch.tril_indices(num_features, num_features, offset=-1, device=t.device)
-    return torch.cat([bottom, z[:, rows, cols]], dim=1)
+
+    def __init__(self, tables: list[int], rows: list[int], dim: int, sparse: bool = True):
+        super().__init__()
+        self.tables, self.rows, self.sparse = list(tables), list(rows), sparse
+        self.weight = nn.Parameter(torch.empty(sum(rows), dim))
+        self.register_buffer("offsets", torch.tensor([0, *rows], dtype=torch.int64).cumsum(0)[:-1],
+                             persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids int64 [B, len(tables)] (table-local row numbers) -> vectors [B, len(tables), d]."""
+        rows = (ids + self.offsets).flatten()
+        lookup = F.embedding(rows, self.weight, sparse=True) if self.sparse else DenseGradLookup.apply(self.weight, rows)
+        return lookup.view(*ids.shape, self.weight.shape[1])
+
+    def table(self, i: int) -> torch.Tensor:
+        """The i-th table's rows (a view of the weight)."""
+        start = int(self.offsets[i])
+        return self.weight[start:start + self.rows[i]]
+
+    @torch.no_grad()
+    def reset_parameters(self, seeds: list[int]) -> None:
+        """Uniform in ±sqrt(1/rows) like the reference; table t draws from its own generator
+        seeded with seeds[t], so a table starts the same whichever rank holds it."""
+        for i, (table, rows) in enumerate(zip(self.tables, self.rows)):
+            bound = math.sqrt(1.0 / rows)
+            self.table(i).uniform_(-bound, bound, generator=torch.Generator().manual_seed(seeds[table]))
+
+
+class DenseGradLookup(torch.autograd.Function):
+    """weight[rows] with a dense gradient made by one index_add (F.embedding's dense backward
+    is ~3x slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.weight_shape = weight.shape
+        return weight.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.weight_shape).index_add_(0, rows, grad), None
+
+
+class DotInteraction(torch.autograd.Function):
+    """features = cat(x, tril(T Tᵀ, -1)) with T = cat(x, E), as one autograd node.
+
+    Z = T Tᵀ is symmetric, so its gradient needs one batched matmul, not two:
+    dT = (dZ + dZᵀ) T, where dZ holds the incoming gradient at the pairs' positions
+    and zeros elsewhere. ``pairs``: where in Z (flattened) each output pair is read.
+    """
+
+    @staticmethod
+    def forward(ctx, pairs: torch.Tensor, bottom: torch.Tensor, *embedded: torch.Tensor) -> torch.Tensor:
+        # Under bf16 autocast T is cast once here, and kept for backward in bf16 too.
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else bottom.dtype
+        t = torch.cat([bottom.unsqueeze(1), *embedded], dim=1).to(dtype)  # [B, F, d]
+        ctx.save_for_backward(t, pairs)
+        ctx.split = [1] + [e.shape[1] for e in embedded]
+        z = torch.bmm(t, t.transpose(1, 2))  # [B, F, F]
+        return torch.cat([bottom, z.flatten(1).index_select(1, pairs)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        t, pairs = ctx.saved_tensors
+        batch, num_features, dim = t.shape
+        grad_z = grad.new_zeros(batch, num_features * num_features).index_copy_(1, pairs, grad[:, dim:])
+        grad_z = grad_z.view(batch, num_features, num_features)
+        grad_t = torch.bmm((grad_z + grad_z.transpose(1, 2)).to(t.dtype), t)  # [B, F, d]
+        grad_x, *grad_embedded = grad_t.split(ctx.split, dim=1)
+        return None, grad[:, :dim] + grad_x.squeeze(1), *grad_embedded
+
+
+@functools.lru_cache(maxsize=8)
+def _pairs(tables: tuple[int, ...]) -> torch.Tensor:
+    """Flat positions in Z of the pairs (i, j), j < i, of features 0 (bottom), 1 + t (table t),
+    row by row (each unordered pair once), when table t's vector is T's column 1 + tables.index(t)."""
+    position = [0] + [1 + tables.index(t) for t in range(len(tables))]
+    rows, cols = torch.tril_indices(len(position), len(position), offset=-1)
+    return torch.tensor([position[i] * len(position) + position[j] for i, j in zip(rows.tolist(), cols.tolist())])
+
+
+def dot_interaction(bottom: torch.Tensor, embedded: torch.Tensor | list[torch.Tensor],
+                    tables: list[int] | None = None) -> torch.Tensor:
+    """bottom [B, d], embedded [B, 26, d] (or blocks [B, n_i, d] that together make it)
+    -> [B, d + 27*26/2] (see the module docstring).
+
+    ``tables``: which table each of embedded's vectors belongs to (None: vector t is table t's);
+    the output's pairs are in table order either way, so no vectors need to be moved.
+    """
+    blocks = [embedded] if isinstance(embedded, torch.Tensor) else embedded
+    order = tuple(range(sum(b.shape[1] for b in blocks)) if tables is None else tables)
+    return DotInteraction.apply(_pairs(order), bottom, *blocks)
 
 
 def interaction_size(num_sparse: int, dim: int) -> int:
@@ -51,44 +147,41 @@ def interaction_size(num_sparse: int, dim: int) -> int:
 
 
 class DLRM(nn.Module):
-    def __init__(self, vocab_sizes: list[int], cfg: ModelConfig):
+    """``embeddings``: the module turning the batch's ids into [B, 26, d] (or blocks of it: see
+    dot_interaction), in the order of the tables its ``tables`` lists; None = all tables here
+    (EmbeddingTables). Training passes dlrm.sharding.ShardedEmbeddings."""
+
+    def __init__(self, vocab_sizes: list[int], cfg: ModelConfig, embeddings: nn.Module | None = None):
         super().__init__()
         dim = cfg.embedding_dim
         self.vocab_sizes = list(vocab_sizes)
         # The bottom output is one of the interacting vectors, so it ends in ReLU like the reference.
         self.bottom = mlp(NUM_DENSE, cfg.bottom_mlp, relu_last=True)
-        # One id per row per table: an EmbeddingBag over bags of size 1 is a lookup,
-        # and mode="sum" with sparse=True is the reference's fast sparse-gradient path.
-        self.embeddings = nn.ModuleList(
-            nn.EmbeddingBag(size, dim, mode="sum", sparse=True) for size in self.vocab_sizes
-        )
+        self.embeddings = embeddings if embeddings is not None else EmbeddingTables(
+            list(range(len(vocab_sizes))), self.vocab_sizes, dim)
         # The last top layer stays linear: it outputs the logit, BCEWithLogits applies the sigmoid.
         self.top = mlp(interaction_size(len(self.vocab_sizes), dim), cfg.top_mlp, relu_last=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialise like the reference DLRM (dlrm_s_pytorch.py)."""
-        for emb in self.embeddings:
-            bound = math.sqrt(1.0 / emb.num_embeddings)
-            emb.weight.uniform_(-bound, bound)
+        """Initialise like the reference DLRM (dlrm_s_pytorch.py), from torch's global RNG."""
+        seeds = torch.randint(0, 2**62, (len(self.vocab_sizes),)).tolist()  # one per table, on every rank
         for layer in [*self.bottom, *self.top]:
             if isinstance(layer, nn.Linear):
                 fan_out, fan_in = layer.weight.shape
                 layer.weight.normal_(0.0, math.sqrt(2.0 / (fan_in + fan_out)))
                 layer.bias.normal_(0.0, math.sqrt(1.0 / fan_out))
+        self.embeddings.reset_parameters(seeds)
 
     def embedding_parameters(self) -> list[nn.Parameter]:
-        """The sparse-gradient parameters (one table each)."""
-        return [emb.weight for emb in self.embeddings]
+        """The sparse-gradient parameters (the table weights)."""
+        return list(self.embeddings.parameters())
 
     def dense_parameters(self) -> list[nn.Parameter]:
         return [*self.bottom.parameters(), *self.top.parameters()]
 
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """dense float32 [B, 13], ids int64 [B, 26] -> click logits [B]."""
+    def forward(self, dense: torch.Tensor, ids) -> torch.Tensor:
+        """dense float32 [B, 13], ids int64 [B, 26] (or what ``embeddings`` takes) -> click logits [B]."""
         x = self.bottom(dense)
-        # Every bag holds exactly one id, so bag b starts at offset b.
-        offsets = torch.arange(ids.shape[0], dtype=ids.dtype, device=ids.device)
-        embedded = [emb(ids[:, c], offsets) for c, emb in enumerate(self.embeddings)]
-        return self.top(dot_interaction(x, embedded)).squeeze(1)
+        return self.top(dot_interaction(x, self.embeddings(ids), self.embeddings.tables)).squeeze(1)

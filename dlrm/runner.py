@@ -31,7 +31,7 @@ from dlrm import dist
 class Rank:
     info: dist.RankInfo
     backend: str
-    pinning: dict  # what pin_threads did on this rank
+    pinning: dict  # what pin_threads did on this rank (with the ccl backend: and oneCCL's settings)
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +56,10 @@ def _omp_threads() -> int | None:
 def start(cfg: Config, backend: str, expected_ranks: int, prog: str) -> Rank:
     """Find our rank, pin our threads, join the process group."""
     info = dist.launcher_env()
-    pinning = dist.pin_threads(info, node_cores(cfg), max_threads=_omp_threads())
+    pinning = dist.pin_threads(info, node_cores(cfg), max_threads=_omp_threads(), ccl_worker=backend == "ccl")
+    if backend == "ccl":
+        pinning["ccl_environment"] = dist.ccl_environment(pinning)
+        os.environ.update(pinning["ccl_environment"])
     # Every rank says where it runs: the launcher maps a dead process id back to its rank.
     print(f"{prog}: rank {info.rank} of {info.world_size}: pid {os.getpid()}, cores {pinning['cores']}", flush=True)
     dist.init(info, backend)
@@ -101,7 +104,7 @@ def run(main: Callable[[list[str] | None], int], prog: str, argv: list[str] | No
         print(f"{prog}: rank {rank}: error: {type(err).__name__}: {message}", file=sys.stderr, flush=True)
         return 1
     finally:
-        # DDP's reducer sits in reference cycles and holds the process group: free it now,
+        # Objects in reference cycles (autograd graphs) may hold the process group: free them now,
         # while the group is alive, not during interpreter shutdown (where it may abort).
         gc.collect()
         dist.finish()

@@ -1,20 +1,22 @@
-"""Train DLRM data-parallel on CPU ranks, evaluating as it goes, then on the whole test split.
+"""Train DLRM on CPU ranks (hybrid parallel), evaluating as it goes, then on the whole test split.
 
     mpiexec -n W -genv MASTER_ADDR host -genv MASTER_PORT port \\
         python -m dlrm.train --config RUN/config.json --data PROCESSED_DIR --out RUN_DIR [--resume]
 
-Every rank holds the whole model, built from the same seed. Each step every rank
-computes gradients on its B/W rows, then they are averaged over ranks: DDP
-all-reduces the dense MLP gradients (bucketed, overlapped with backward), and
-dist.allreduce_sparse_grads the embedding gradients - only the touched rows, all 26
-tables in one collective (DDP would issue 26, which costs ~15x more on gloo).
-Rank 0 writes RUN_DIR/train.json and RUN_DIR/model.pt.
+Parallelism (dlrm.sharding): the MLPs are data-parallel - every rank holds them, computes
+gradients on its B/W rows of the global batch, and one all-reduce of a flat gradient buffer
+averages them (dist.GradientBuffer). Tables of at least train.shard_min_rows rows are
+sharded: each lives on one rank, which looks up the whole global batch's ids and exchanges
+the vectors (and, backward, their gradients) with the other ranks in one all-to-all.
+Smaller tables are replicated; their gradients ride in the MLPs' buffer when dense, else one
+sparse all-reduce averages them. Every rank builds the same initial model from the seed
+(each table from its own generator, wherever it lives).
+Rank 0 writes RUN_DIR/train.json and RUN_DIR/model.pt (the whole model, the sharded tables
+gathered from their owners, in the format dlrm.inference loads).
 
 Optimizers (the benchmark trains exactly one epoch, so they must converge fast):
-  * embeddings: Adagrad at train.sparse_lr. Its per-coordinate step size shrinks with
-    the squared gradients a row has seen, so rare ids (most rows of a Zipf-distributed
-    table, seen a handful of times in one epoch) still take large steps while frequent
-    ids settle; it accepts sparse gradients and only updates the touched rows.
+  * embeddings: Adagrad at train.sparse_lr, updating only the rows a batch touched
+    (dlrm.optim.SparseAdagrad);
   * MLPs: Adam at train.dense_lr, the usual robust choice for small dense nets.
   Both base rates follow the MLPerf DLRM schedule when it is set (see lr_scale).
 
@@ -24,9 +26,14 @@ Options (train.* in the profile, all off in the small profiles):
   * evaluation   every eval_every_steps on the test split (or its first eval_rows rows),
                  stopping early once the AUC reaches target_auc. Training throughput
                  does not count the time spent evaluating or checkpointing.
-  * checkpoints  every checkpoint_every_steps to RUN_DIR/checkpoint.pt. --resume (or
-                 train.resume when the file exists) continues from it where it stopped:
-                 the same rows, weights, optimizer state and loss history, so the same result.
+  * checkpoints  every checkpoint_every_steps to RUN_DIR/checkpoint.pt (the whole model and
+                 optimizer state, gathered like model.pt). --resume (or train.resume when the
+                 file exists) continues from it where it stopped: the same rows, weights,
+                 optimizer state and loss history, so the same result.
+
+Before the clock starts, each rank times its loader alone on the first batches
+(loader.samples_per_s: global-batch samples per second it could feed; its ratio to the
+training rate says whether the loader could starve training).
 """
 
 from __future__ import annotations
@@ -43,42 +50,51 @@ import torch
 import torch.distributed as torch_dist
 from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from bench import config as bench_config
 from bench.fsutil import atomic_write_json
-from dlrm import data, dist, roofline, runner
-from dlrm.model import DLRM
+from dlrm import data, dist, roofline, runner, sharding
+from dlrm.model import DLRM, EmbeddingTables
+from dlrm.optim import SparseAdagrad
+from dlrm.sharding import ShardedEmbeddings, ShardingPlan
 from preprocess.layout import ProcessedData
 
 PROG = "dlrm.train"
 PROGRESS_EVERY = 0.02  # of the steps
 FINAL_LOSS_WINDOW = 0.01  # of the steps
+LOADER_BATCHES = 200  # timed before training
 CHECKPOINT = "checkpoint.pt"  # in RUN_DIR
+PHASES = ("data", "forward", "backward", "gradient_sync", "optimizer")
 
 
-def build_model(vocab_sizes: list[int], cfg: bench_config.Config
-                ) -> tuple[DLRM, list[torch.optim.Optimizer], tuple[bool, str]]:
-    """The model and its two optimizers (see the module docstring), IPEX-optimised when usable."""
+def build_model(vocab_sizes: list[int], cfg: bench_config.Config, plan: ShardingPlan | None = None,
+                rank: int = 0) -> tuple[DLRM, list[torch.optim.Optimizer], tuple[bool, str]]:
+    """The model (rank ``rank``'s share of it under ``plan``; None: all tables here) and its two
+    optimizers, [embeddings, MLPs] (see the module docstring), IPEX-optimised when usable."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = DLRM(vocab_sizes, cfg.model)
-    dense_opt: torch.optim.Optimizer = torch.optim.Adam(model.dense_parameters(), lr=cfg.train.dense_lr)
+    embeddings = None if plan is None else ShardedEmbeddings(plan, rank, cfg.model.embedding_dim)
+    model = DLRM(vocab_sizes, cfg.model, embeddings)
     ipex = dist.ipex_status()
     if ipex[0]:
         import intel_extension_for_pytorch  # only reached when the import is known to work
 
-        # IPEX rewrites the MLP layers (and their optimizer); the embedding tables stay as they are.
+        # IPEX rewrites the MLP layers and swaps in its own fused optimizer; the tables stay as they are.
+        dense_opt: torch.optim.Optimizer = torch.optim.Adam(model.dense_parameters(), lr=cfg.train.dense_lr)
         model, dense_opt = intel_extension_for_pytorch.optimize(model, optimizer=dense_opt, dtype=torch.float32)
-    sparse_opt = torch.optim.Adagrad(model.embedding_parameters(), lr=cfg.train.sparse_lr)
+    else:
+        # fused: one kernel over all the MLP parameters instead of a dozen ops per tensor.
+        dense_opt = torch.optim.Adam(model.dense_parameters(), lr=cfg.train.dense_lr, fused=True)
+    sparse_opt = SparseAdagrad(model.embedding_parameters(), lr=cfg.train.sparse_lr)
     return model, [sparse_opt, dense_opt], ipex
 
 
-def wrap_ddp(model: DLRM) -> DistributedDataParallel:
-    """DDP for the dense MLPs only: the embedding tables are synchronised by allreduce_sparse_grads."""
-    tables = [name for name, _ in model.named_parameters() if name.startswith("embeddings.")]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, tables)
-    # DDP does not broadcast ignored parameters: identical tables come from the shared seed.
-    return DistributedDataParallel(model)
+def synchronised_gradients(model: DLRM) -> tuple[dist.GradientBuffer, list[torch.nn.Parameter]]:
+    """The buffer that averages the dense gradients over the ranks (the MLPs' and those of the tables
+    with dense gradients), and the weights with sparse gradients (ShardedEmbeddings.average_gradients
+    averages those)."""
+    tables = [m for m in model.modules() if isinstance(m, EmbeddingTables)]
+    dense = model.dense_parameters() + [m.weight for m in tables if not m.sparse]
+    return dist.GradientBuffer(dense), [m.weight for m in tables if m.sparse]
 
 
 def lr_scale(step: int, warmup_steps: int, decay_start_step: int, decay_steps: int) -> float:
@@ -110,19 +126,43 @@ def autocast(precision: str) -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def full_state_dict(model: DLRM) -> dict | None:
+    """The whole model's state dict (DLRM's own layout, all tables) on rank 0, None on the others.
+    A collective: the sharded tables are gathered from their owners."""
+    tables: ShardedEmbeddings = model.embeddings
+    weight = tables.gather(tables.replicated.weight.detach(), tables.local.weight.detach())
+    if weight is None:
+        return None
+    state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("embeddings.")}
+    return {**state, "embeddings.weight": weight}
+
+
+def load_full_state_dict(model: DLRM, state: dict) -> None:
+    """``full_state_dict``'s inverse on every rank: its own tables' rows and the MLPs."""
+    tables: ShardedEmbeddings = model.embeddings
+    replicated, local = tables.split(state["embeddings.weight"])
+    mlps = {name: tensor for name, tensor in state.items() if not name.startswith("embeddings.")}
+    model.load_state_dict({**mlps, "embeddings.replicated.weight": replicated, "embeddings.local.weight": local})
+
+
 def save_checkpoint(rank: runner.Rank, path: Path, model: DLRM, optimizers: list[torch.optim.Optimizer],
                     step: int, global_batch: int, losses: np.ndarray, auc_curve: list[dict]) -> None:
     """Everything needed to continue after ``step`` as if never stopped. Every rank calls this.
 
-    The model and optimizer states are the same on every rank; the loss history (each rank
-    saw different rows) and the RNG state are per rank. The loader position is ``step``.
+    The model and the tables' Adagrad state are gathered whole to rank 0; the MLPs' Adam
+    state is the same on every rank; the loss history (each rank saw different rows) and
+    the RNG state are per rank. The loader position is ``step``.
     """
+    sparse_opt, dense_opt = optimizers
+    tables: ShardedEmbeddings = model.embeddings
+    state = full_state_dict(model)
+    sums = tables.gather(sparse_opt.state_sum(tables.replicated.weight), sparse_opt.state_sum(tables.local.weight))
     mine = {"losses": torch.from_numpy(losses[:step].copy()), "rng": torch.get_rng_state()}
     per_rank = dist.all_gather(mine)
     if rank.is_main:
         runner.save_atomically({
             "step": step, "world_size": rank.info.world_size, "batch_size": global_batch,
-            "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+            "model": state, "embedding_adagrad_sum": sums, "dense_optimizer": dense_opt.state_dict(),
             "per_rank": per_rank, "auc_curve": auc_curve,
         }, path)
     torch_dist.barrier()  # no rank moves on (or stops) before the file is complete
@@ -131,22 +171,43 @@ def save_checkpoint(rank: runner.Rank, path: Path, model: DLRM, optimizers: list
 def load_checkpoint(rank: runner.Rank, path: Path, model: DLRM, optimizers: list[torch.optim.Optimizer],
                     global_batch: int) -> dict:
     """Restore the model, the optimizers and this rank's RNG; return the step, loss history and AUC curve."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if (saved["world_size"], saved["batch_size"]) != (rank.info.world_size, global_batch):
         raise ValueError(f"{path} was written by {saved['world_size']} ranks at global batch {saved['batch_size']}; "
                          f"this run has {rank.info.world_size} ranks at global batch {global_batch}")
-    model.load_state_dict(saved["model"])
-    for opt, state in zip(optimizers, saved["optimizers"]):
-        opt.load_state_dict(state)
+    sparse_opt, dense_opt = optimizers
+    tables: ShardedEmbeddings = model.embeddings
+    load_full_state_dict(model, saved["model"])
+    for weight, sums in zip((tables.replicated.weight, tables.local.weight),
+                            tables.split(saved["embedding_adagrad_sum"])):
+        sparse_opt.state_sum(weight).copy_(sums)
+    dense_opt.load_state_dict(saved["dense_optimizer"])
     mine = saved["per_rank"][rank.info.rank]
     torch.set_rng_state(mine["rng"])
     return {"step": saved["step"], "losses": mine["losses"].numpy(), "auc_curve": saved["auc_curve"]}
 
 
-def train(rank: runner.Rank, ddp: DistributedDataParallel, optimizers: list[torch.optim.Optimizer],
+def time_loader(train_data: ProcessedData, global_batch: int, rank: runner.Rank, plan: ShardingPlan,
+                batches: int) -> dict:
+    """This rank's loader alone on the first ``batches`` batches: the global-batch samples per
+    second it could feed (every rank reads its share of each global batch at this pace)."""
+    info = rank.info
+    start = time.perf_counter()
+    count = 0
+    for _ in data.train_batches(train_data, global_batch, info.rank, info.world_size, plan=plan):
+        count += 1
+        if count == batches:
+            break
+    seconds = time.perf_counter() - start
+    return {"batches": count, "seconds": seconds, "samples_per_s": count * global_batch / seconds}
+
+
+def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer],
           train_data: ProcessedData, test_data: ProcessedData, cfg: bench_config.Config, precision: str,
           checkpoint: Path, resume: dict | None = None, stop_after: int | None = None) -> dict | None:
-    """The training loop; returns throughput, the loss at the end and the AUC curve so far.
+    """The training loop; returns throughput, the loss at the end, the AUC curve so far and the
+    seconds spent in each phase of a step (PHASES; forward and backward include the all-to-alls,
+    gradient_sync the all-reduces).
 
     ``resume``: what load_checkpoint returned. ``stop_after``: stop after that step
     without a result (None is returned), as if the job had been killed there.
@@ -156,7 +217,8 @@ def train(rank: runner.Rank, ddp: DistributedDataParallel, optimizers: list[torc
     if steps == 0:
         raise ValueError(f"the train split has {len(train_data)} rows, fewer than one global batch "
                          f"of {global_batch}")
-    model = ddp.module
+    tables: ShardedEmbeddings = model.embeddings
+    grads, sparse_weights = synchronised_gradients(model)
     base_lrs = [opts.sparse_lr, opts.dense_lr]  # build_model's optimizer order
     loss_fn = nn.BCEWithLogitsLoss()
     report_every = max(1, round(steps * PROGRESS_EVERY))
@@ -167,28 +229,40 @@ def train(rank: runner.Rank, ddp: DistributedDataParallel, optimizers: list[torc
         first = resume["step"]
         losses[:first] = resume["losses"]
         auc_curve = resume["auc_curve"]
-    embeddings = model.embedding_parameters()
+    phases = dict.fromkeys(PHASES, 0.0)
     early_stopped = False
 
-    ddp.train()
+    model.train()
     torch_dist.barrier()  # all ranks start the clock together
     start = last_time = time.perf_counter()
     step = last_step = first
-    batches = data.train_batches(train_data, global_batch, info.rank, info.world_size, opts.epochs, start=first)
-    for step, (dense, ids, labels) in enumerate(batches, start=first + 1):
+    batches = data.train_batches(train_data, global_batch, info.rank, info.world_size, opts.epochs, start=first,
+                                 plan=tables.plan)
+    for step in range(first + 1, steps + 1):
+        t0 = time.perf_counter()
+        dense, ids, labels = next(batches)
         scale = lr_scale(step, opts.warmup_steps, opts.decay_start_step, opts.decay_steps)
         for opt, base_lr in zip(optimizers, base_lrs):
             for group in opt.param_groups:
                 group["lr"] = base_lr * scale
+        t1 = time.perf_counter()
         with autocast(precision):
-            loss = loss_fn(ddp(dense, ids), labels)
-        for opt in optimizers:
-            opt.zero_grad()
-        loss.backward()  # DDP averages the dense gradients over ranks during backward
-        dist.allreduce_sparse_grads(embeddings)  # ... and this the embedding gradients
+            loss = loss_fn(model(dense, ids), labels)
+        grads.zero()
+        for weight in sparse_weights:
+            weight.grad = None
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        grads.average()  # the MLPs' (and small tables') gradients, over the ranks
+        tables.average_gradients()  # the sparse tables'
+        t4 = time.perf_counter()
         for opt in optimizers:
             opt.step()
         losses[step - 1] = loss.item()
+        t5 = time.perf_counter()
+        for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            phases[name] += seconds
 
         if step % report_every == 0 or step == steps:
             now = time.perf_counter()
@@ -200,7 +274,7 @@ def train(rank: runner.Rank, ddp: DistributedDataParallel, optimizers: list[torc
 
         pause_start = time.perf_counter()
         if opts.eval_every_steps and step % opts.eval_every_steps == 0 and step < steps:
-            scores = evaluate(rank, model, test_data, opts.eval_batch_size, rows=opts.eval_rows)
+            scores = evaluate(rank, model, test_data, opts.eval_batch_size, rows=opts.eval_rows, plan=tables.plan)
             auc_curve.append(report_eval(rank, scores, step, steps, global_batch))
             early_stopped = opts.target_auc is not None and (scores["auc"] or 0.0) >= opts.target_auc
         # (Not when stopping early: a resumed run retrains to this step and stops here again.)
@@ -228,6 +302,7 @@ def train(rank: runner.Rank, ddp: DistributedDataParallel, optimizers: list[torc
         "final_loss": final_loss.item() / info.world_size,
         "early_stopped": early_stopped,
         "auc_curve": auc_curve,
+        "phase_seconds": phases,
     }
 
 
@@ -257,13 +332,15 @@ def click_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
 
 
 def evaluate(rank: runner.Rank, model: nn.Module, test_data: ProcessedData, batch_size: int,
-             rows: int | None = None) -> dict:
+             rows: int | None = None, plan: ShardingPlan | None = None) -> dict:
     """Each rank predicts its shard of the test split (or of its first ``rows`` rows); rank 0
-    scores all of them and every rank gets the scores."""
+    scores all of them and every rank gets the scores. ``plan``: the model's tables are
+    sharded so (the ranks then step through their shards together)."""
     info = rank.info
     start = time.perf_counter()
     expected = len(test_data) if rows is None else min(rows, len(test_data))
-    probs, labels = predict(model, data.eval_batches(test_data, batch_size, info.rank, info.world_size, rows))
+    batches = data.eval_batches(test_data, batch_size, info.rank, info.world_size, rows, plan)
+    probs, labels = predict(model, batches)
     gathered = dist.all_gather((probs, labels))  # shards arrive in rank order
     scores = None
     if rank.is_main:
@@ -284,6 +361,34 @@ def report_eval(rank: runner.Rank, scores: dict, step: int, steps: int, global_b
                     auc=None if point["auc"] is None else round(point["auc"], 5), loss=round(point["loss"], 5),
                     samples_per_s=round(point["rows"] / scores["eval_seconds"], 1))  # rows evaluated per second
     return point
+
+
+def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runtime_bytes: int) -> dict:
+    """What this rank should hold at its peak, in bytes: ``runtime_bytes`` (the process before the
+    model: Python, torch, the libraries), its tables and their Adagrad state (as large), the MLPs
+    with their gradients and two Adam moments, the activations of the larger of a training step
+    and an evaluation batch, and a few input batches."""
+    floats = 4
+    tables = sum(p.numel() for p in model.embedding_parameters()) * floats
+    mlps = sum(p.numel() for p in model.dense_parameters()) * floats
+    dim = cfg.model.embedding_dim
+    features = len(model.vocab_sizes) + 1
+    interaction = features * dim + features * features + model.top[0].in_features  # T, Z, top input
+    sharded: ShardedEmbeddings = model.embeddings
+    owned = len(sharded.plan.owned(sharded.rank)) * dim  # per row of the global batch: the owner's lookups
+    # Training, per sample: every layer's output and its gradient, the interaction's and their gradients;
+    # and the owned lookups (and their gradients) for the whole global batch.
+    local_batch = cfg.train.batch_size // world_size
+    train = local_batch * 2 * (sum(cfg.model.bottom_mlp) + sum(cfg.model.top_mlp) + interaction) \
+        + 2 * cfg.train.batch_size * owned
+    # Evaluation (no gradients): the interaction's tensors and the widest layer's input and output,
+    # and the owned lookups for every rank's batch.
+    widest = max(cfg.model.bottom_mlp + cfg.model.top_mlp)
+    evaluation = cfg.train.eval_batch_size * (interaction + 2 * widest + world_size * owned)
+    batches = 3 * max(local_batch, cfg.train.eval_batch_size) * (13 * 4 + 26 * 8 + 4)  # dense, ids, labels
+    parts = {"runtime": runtime_bytes, "tables": tables, "optimizer_state": tables, "mlps": 4 * mlps,
+             "activations": max(train, evaluation) * floats, "batches": batches}
+    return {**parts, "total": sum(parts.values())}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -309,19 +414,24 @@ def main(argv: list[str] | None = None) -> int:
     train_data = ProcessedData(args.data, "train")
     test_data = ProcessedData(args.data, "test")
     vocab_sizes = train_data.vocab_sizes
+    plan = sharding.plan_tables(vocab_sizes, info.world_size, cfg.train.shard_min_rows,
+                                global_batch // info.world_size)
+    runtime_bytes = runner.peak_rss_bytes()
 
-    model, optimizers, ipex = build_model(vocab_sizes, cfg)
+    model, optimizers, ipex = build_model(vocab_sizes, cfg, plan, info.rank)
     checkpoint = args.out / CHECKPOINT
     resume = None
     if args.resume or (cfg.train.resume and checkpoint.is_file()):
         resume = load_checkpoint(rank, checkpoint, model, optimizers, global_batch)
         runner.log(rank, f"{PROG}: resuming from {checkpoint} at step {resume['step']}")
-    ddp = wrap_ddp(model)
 
     runner.log(rank, f"{PROG}: {info.world_size} ranks ({info.launcher} launcher), backend {backend}, "
                      f"{rank.pinning['threads']} threads/rank, ipex: {ipex[1]}, precision {precision}; "
-                     f"{len(train_data)} train rows, global batch {global_batch}, {cfg.train.epochs} epoch(s)")
-    result = train(rank, ddp, optimizers, train_data, test_data, cfg, precision, checkpoint, resume,
+                     f"{len(train_data)} train rows, global batch {global_batch}, {cfg.train.epochs} epoch(s); "
+                     f"tables: {len(plan.replicated)} replicated, "
+                     f"{'/'.join(str(len(plan.owned(r))) for r in range(info.world_size))} sharded per rank")
+    loader = time_loader(train_data, global_batch, rank, plan, LOADER_BATCHES)
+    result = train(rank, model, optimizers, train_data, test_data, cfg, precision, checkpoint, resume,
                    args.stop_after_steps)
     if result is None:
         runner.log(rank, f"{PROG}: stopped after step {args.stop_after_steps} (--stop-after-steps)")
@@ -330,15 +440,18 @@ def main(argv: list[str] | None = None) -> int:
                      f"({result['samples_per_s']:.0f} samples/s), final loss {result['final_loss']:.4f}"
                      + (" (stopped early: target AUC reached)" if result["early_stopped"] else ""))
 
-    scores = evaluate(rank, model, test_data, cfg.train.eval_batch_size)
+    scores = evaluate(rank, model, test_data, cfg.train.eval_batch_size, plan=plan)
     result["auc_curve"].append(report_eval(rank, scores, result["steps"], result["steps"], global_batch))
-    pinning = dist.all_gather(rank.pinning)
-    peak_rss = dist.all_gather(runner.peak_rss_bytes())
+    state = full_state_dict(model)
+    per_rank = dist.all_gather({"pinning": rank.pinning, "peak_rss_bytes": runner.peak_rss_bytes(),
+                                "memory_estimate_bytes": memory_estimate(model, cfg, info.world_size, runtime_bytes),
+                                "loader": loader, "phase_seconds": result.pop("phase_seconds")})
     if rank.is_main:
         runner.log(rank, f"{PROG}: test AUC {scores['auc']}, logloss {scores['logloss']:.4f}, "
                          f"accuracy {scores['accuracy']:.4f} over {scores['test_rows']} rows")
-        runner.save_atomically({"state_dict": model.state_dict(), "vocab_sizes": vocab_sizes,
+        runner.save_atomically({"state_dict": state, "vocab_sizes": vocab_sizes,
                                 "model_config": cfg.model.model_dump(mode="json")}, args.out / "model.pt")
+        loader_rate = min(r["loader"]["samples_per_s"] for r in per_rank)  # the slowest rank's loader
         atomic_write_json(args.out / "train.json", {
             **result,
             "epochs": cfg.train.epochs,
@@ -352,8 +465,14 @@ def main(argv: list[str] | None = None) -> int:
             "ipex": {"used": ipex[0], "reason": ipex[1]},
             "world_size": info.world_size,
             "threads_per_rank": rank.pinning["threads"],
-            "pinning": pinning,
-            "peak_rss_bytes": peak_rss,
+            "pinning": [r["pinning"] for r in per_rank],
+            "ccl_environment": [r["pinning"]["ccl_environment"] for r in per_rank] if backend == "ccl" else None,
+            "sharding": plan.describe(),
+            "loader": {"samples_per_s": loader_rate, "ratio_to_training": loader_rate / result["samples_per_s"],
+                       "per_rank": [r["loader"] for r in per_rank]},
+            "phase_seconds": [r["phase_seconds"] for r in per_rank],
+            "peak_rss_bytes": [r["peak_rss_bytes"] for r in per_rank],
+            "memory_estimate_bytes": [r["memory_estimate_bytes"] for r in per_rank],
             **scores,
         })
     torch_dist.barrier()  # no rank exits (and tears the group down) before rank 0 has written

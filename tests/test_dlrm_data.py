@@ -123,3 +123,57 @@ def test_batches_do_not_share_memory(processed):
     first, second = list(data.eval_batches(split, 25, 0, 1))
     assert not torch.equal(first.ids, second.ids)
     assert row_ids(first) == list(range(25))  # still intact after the second batch was read
+
+
+# --- sharded tables: what each rank reads -----------------------------------------------------------
+
+def three_rank_plan():
+    from dlrm.sharding import plan_tables
+
+    # The 8 tables of >= 25 rows are sharded (300 rows -> rank 0, 50 -> rank 1, ...), the rest replicated.
+    return plan_tables(VOCAB, world_size=3, shard_min_rows=25, local_batch=32)
+
+
+def test_sharded_training_batches_read_owned_tables_for_the_whole_global_batch(processed):
+    split = ProcessedData(processed, "train")
+    plan = three_rank_plan()
+    cats = [np.load(processed / "train" / f"{cat_name(c)}.npy") for c in range(NUM_SPARSE)]
+    for rank in range(3):
+        batches = list(data.train_batches(split, 96, rank, 3, plan=plan))
+        assert len(batches) == 10
+        step = 4
+        dense, ids, _ = batches[step]
+        own = (step * 96 + rank * 32, step * 96 + (rank + 1) * 32)
+        assert row_ids(batches[step]) == list(range(*own))  # dense and labels: this rank's rows only
+        assert ids.batch_sizes == (32, 32, 32)
+        assert ids.replicated.shape == (32, len(plan.replicated)) and ids.owned.shape == (96, len(plan.owned(rank)))
+        for i, table in enumerate(plan.replicated):
+            np.testing.assert_array_equal(ids.replicated[:, i].numpy(), cats[table][own[0]:own[1]])
+        for i, table in enumerate(plan.owned(rank)):  # every rank's rows of the global batch, in rank order
+            np.testing.assert_array_equal(ids.owned[:, i].numpy(), cats[table][step * 96:(step + 1) * 96])
+
+
+def test_sharded_evaluation_steps_all_ranks_together(processed):
+    """103 test rows on 3 ranks in batches of 10: shards of 35, 34, 34 rows, 4 batches each; each
+    rank's owned ids cover every rank's batch of the same step."""
+    split = ProcessedData(processed, "test")
+    plan = three_rank_plan()
+    per_rank = [list(data.eval_batches(split, 10, rank, 3, plan=plan)) for rank in range(3)]
+    assert [len(b) for b in per_rank] == [4, 4, 4]
+    assert [r for batches in per_rank for b in batches for r in row_ids(b)] == list(range(103))
+    last = [batches[-1].ids.batch_sizes for batches in per_rank]
+    assert last == [(5, 4, 4)] * 3  # everyone knows everyone's batch size
+    owned = per_rank[0][-1].ids.owned  # rank 0's tables, for rows 30-34, 65-68 and 99-102
+    table = plan.owned(0)[0]
+    expected = np.load(processed / "test" / f"{cat_name(table)}.npy")[[*range(30, 35), *range(65, 69), *range(99, 103)]]
+    np.testing.assert_array_equal(owned[:, 0].numpy(), expected)
+
+
+def test_a_rank_past_the_end_of_its_shard_reads_empty_batches(processed):
+    split = ProcessedData(processed, "test")
+    plan = three_rank_plan()
+    # 22 rows on 3 ranks in batches of 7: shards of 8, 7, 7 rows, so rank 0 has 2 batches, the others 1.
+    per_rank = [list(data.eval_batches(split, 7, rank, 3, rows=22, plan=plan)) for rank in range(3)]
+    assert [len(b) for b in per_rank] == [2, 2, 2]
+    assert [len(b.labels) for b in per_rank[1]] == [7, 0]  # an empty batch keeps it in step
+    assert per_rank[1][1].ids.batch_sizes == (1, 0, 0)

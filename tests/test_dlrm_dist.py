@@ -141,3 +141,47 @@ def test_init_needs_the_rendezvous_address_with_several_ranks(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "1234")
     with pytest.raises(RuntimeError, match="MASTER_ADDR not set"):
         dist.init(RankInfo(0, 2, 0, 2), "gloo")
+
+
+# --- oneCCL's worker thread -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cores, local_rank, compute, worker", [
+    (list(range(8)), 1, [4, 5, 6], [7]),  # 4 cores each: 3 compute threads, the last core for the worker
+    ([0, 1], 1, [1], [1]),  # one core each: nothing to spare, the worker shares it
+])
+def test_ccl_worker_gets_a_core_of_its_own_when_there_is_one(no_pinning, cores, local_rank, compute, worker):
+    record = dist.pin_threads(RankInfo(local_rank, 2, local_rank, 2), cores=cores, ccl_worker=True)
+    assert record["cores"] == compute == no_pinning["cores"] and no_pinning["threads"] == len(compute)
+    assert record["ccl_worker_cores"] == worker
+    assert dist.ccl_environment(record) == {"CCL_WORKER_COUNT": "1",
+                                            "CCL_WORKER_AFFINITY": ",".join(map(str, worker))}
+
+
+def test_ccl_worker_takes_a_core_the_thread_budget_leaves_over(no_pinning):
+    record = dist.pin_threads(RankInfo(0, 2, 0, 2), cores=list(range(8)), max_threads=2, ccl_worker=True)
+    assert record["cores"] == [0, 1] and record["ccl_worker_cores"] == [2]
+
+
+def test_no_ccl_worker_with_gloo(no_pinning):
+    assert "ccl_worker_cores" not in dist.pin_threads(RankInfo(0, 1, 0, 1), cores=[0, 1])
+
+
+def test_ccl_settings_are_in_the_environment_before_the_group_starts(monkeypatch, no_pinning):
+    """With the oneCCL bindings importing (faked), runner.start sets CCL_WORKER_* before joining the
+    group, and records them with the rank's pinning."""
+    from bench.config import resolve
+    from dlrm import runner
+
+    for name in LAUNCHER_VARS + ["CCL_WORKER_COUNT", "CCL_WORKER_AFFINITY", "OMP_NUM_THREADS"]:
+        monkeypatch.setenv(name, "")  # so that what runner.start sets is undone after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setattr(runner, "node_cores", lambda cfg: [0, 1, 2, 3])
+    seen = {}
+    monkeypatch.setattr(dist, "init", lambda info, backend: seen.update(
+        backend=backend, env={k: dist.os.environ.get(k) for k in ("CCL_WORKER_COUNT", "CCL_WORKER_AFFINITY")}))
+    backend = dist.choose_backend(importer_of({"oneccl_bindings_for_pytorch": types.ModuleType("x")}))
+    rank = runner.start(resolve("tiny"), backend, expected_ranks=2, prog="test")
+    assert seen == {"backend": "ccl", "env": {"CCL_WORKER_COUNT": "1", "CCL_WORKER_AFFINITY": "3"}}
+    assert rank.pinning["cores"] == [2] and rank.pinning["ccl_environment"]["CCL_WORKER_AFFINITY"] == "3"

@@ -1,6 +1,7 @@
 """The real thing: ranks started by the venv's mpiexec, talking over gloo.
 
-  * the one-collective sparse gradient all-reduce equals the dense average;
+  * the sharded lookups and their gradients (all-to-all, uneven batches, sparse all-reduce)
+    equal those of one process holding all the tables; the gradient buffer averages;
   * dlrm.train on 2 ranks learns a learnable dataset and accounts for every row;
     evaluates along the way, checkpoints, and a run stopped and resumed ends exactly
     like the uninterrupted one; bf16 still learns, and stops early at a target AUC;
@@ -52,43 +53,75 @@ def run(args: list[str], ranks: int | None) -> subprocess.CompletedProcess:
     return proc
 
 
-# --- the sparse all-reduce, checked against the dense average ---------------------------------------
+# --- the exchanges, checked against one process holding everything ---------------------------------
 
-TABLE_ROWS = [5, 1, 9]
-
-
-def rank_grads(rank: int) -> list[torch.Tensor]:
-    """Uncoalesced sparse gradients like EmbeddingBag's (repeated rows); table 1 untouched on rank 1."""
-    g = torch.Generator().manual_seed(rank)
-    grads = []
-    for t, rows in enumerate(TABLE_ROWS):
-        n = 0 if (t == 1 and rank == 1) else 6
-        indices = torch.randint(0, rows, (1, n), generator=g)
-        grads.append(torch.sparse_coo_tensor(indices, torch.randn(n, 3, generator=g), (rows, 3)))
-    return grads
+EXCHANGE_VOCAB = [40, 3, 60, 50, 5, 45]  # 40+ rows: sharded (3 ranks: 60 -> 0, 50 -> 1, 45 -> 2, 40 -> 2)
+BATCH_SIZES = (3, 5, 0)  # uneven, one rank empty: like the last step of an evaluation
 
 
-def sparse_allreduce_worker(out: str) -> None:
-    """Run on every rank: reduce, compare with the average of both ranks' dense gradients."""
+def exchange_worker(out: str) -> None:
+    """Run on every rank: the sharded lookups and their gradients equal those of the whole tables."""
     from dlrm import dist
+    from dlrm.model import EmbeddingTables
+    from dlrm.sharding import ShardedEmbeddings, ShardedIds, plan_tables
 
     info = dist.launcher_env()
     dist.init(info, "gloo")
-    weights = [torch.zeros(rows, 3, requires_grad=True) for rows in TABLE_ROWS]
-    for weight, grad in zip(weights, rank_grads(info.rank)):
-        weight.grad = grad
-    dist.allreduce_sparse_grads(weights)
-    for t, weight in enumerate(weights):
-        expected = sum(rank_grads(r)[t].to_dense() for r in range(info.world_size)) / info.world_size
-        assert weight.grad.is_sparse and weight.grad.shape == (TABLE_ROWS[t], 3)
-        torch.testing.assert_close(weight.grad.to_dense(), expected)
+    plan = plan_tables(EXCHANGE_VOCAB, info.world_size, shard_min_rows=40, local_batch=1)
+    assert not plan.replicated_dense  # 8 replicated rows, more than 1 row x 2 tables: sparse
+    seeds = list(range(len(EXCHANGE_VOCAB)))
+    whole = EmbeddingTables(list(range(len(EXCHANGE_VOCAB))), EXCHANGE_VOCAB, 3)
+    whole.reset_parameters(seeds)
+    mine = ShardedEmbeddings(plan, info.rank, 3)
+    mine.reset_parameters(seeds)
+    g = torch.Generator().manual_seed(0)  # the same global batch and output gradients on every rank
+    ids = torch.stack([torch.randint(0, n, (sum(BATCH_SIZES),), generator=g) for n in EXCHANGE_VOCAB], dim=1)
+    grads = torch.randn(sum(BATCH_SIZES), len(EXCHANGE_VOCAB), 3, generator=g)
+    start = sum(BATCH_SIZES[:info.rank])
+    rows = slice(start, start + BATCH_SIZES[info.rank])
+    blocks = mine(ShardedIds(ids[rows, plan.replicated], ids[:, plan.owned(info.rank)], BATCH_SIZES))
+    got = torch.cat(blocks, dim=1)
+    expected = whole(ids[rows])[:, mine.tables]
+    torch.testing.assert_close(got, expected)
+    got.backward(grads[rows, mine.tables])
+    # Every rank's loss is the sum over its rows: the global mean's gradient is the sum over ranks / W.
+    mine.average_gradients()
+    whole(ids).backward(grads / info.world_size)
+    reference = whole.weight.grad.to_dense()
+    state = mine.gather(mine.replicated.weight.grad.to_dense(), mine.local.weight.grad.to_dense())
+    if info.rank == 0:
+        torch.testing.assert_close(state, reference)
     torch.distributed.barrier()
     Path(out, f"rank{info.rank}.ok").touch()
     dist.finish()
 
 
-def test_sparse_allreduce_averages_all_tables_in_one_go(tmp_path):
-    code = f"from tests.test_dlrm_end_to_end import sparse_allreduce_worker; sparse_allreduce_worker({str(tmp_path)!r})"
+def test_sharded_lookups_and_gradients_equal_the_whole_tables(tmp_path):
+    code = f"from tests.test_dlrm_end_to_end import exchange_worker; exchange_worker({str(tmp_path)!r})"
+    run(["-c", code], ranks=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok", "rank2.ok"]
+
+
+def gradient_buffer_worker(out: str) -> None:
+    from dlrm import dist
+
+    info = dist.launcher_env()
+    dist.init(info, "gloo")
+    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))]
+    buffer = dist.GradientBuffer(params)
+    for _ in range(2):  # zeroed between steps, accumulated into in place by backward
+        buffer.zero()
+        ((info.rank + 1) * (params[0].sum() + 2 * params[1].sum())).backward()
+        buffer.average()
+        mean = sum(r + 1 for r in range(info.world_size)) / info.world_size
+        assert torch.equal(params[0].grad, torch.full((2, 3), mean)) and torch.equal(params[1].grad, torch.full((4,), 2 * mean))
+        assert params[0].grad.data_ptr() == buffer.flat.data_ptr()  # still a view of the buffer
+    Path(out, f"rank{info.rank}.ok").touch()
+    dist.finish()
+
+
+def test_gradient_buffer_averages_over_the_ranks(tmp_path):
+    code = f"from tests.test_dlrm_end_to_end import gradient_buffer_worker; gradient_buffer_worker({str(tmp_path)!r})"
     run(["-c", code], ranks=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]
 
@@ -96,18 +129,19 @@ def test_sparse_allreduce_averages_all_tables_in_one_go(tmp_path):
 # --- training and inference -------------------------------------------------------------------------
 
 ROWS = {"train": 16384, "test": 3001, "val": 3000}  # 32 steps of the tiny profile's 512 rows
-# Evaluate on 1000 test rows every 8 steps, checkpoint every 10.
-ALONG_THE_WAY = ["train.eval_every_steps=8", "train.eval_rows=1000", "train.checkpoint_every_steps=10"]
+# Evaluate on 1000 test rows every 8 steps, checkpoint every 10; the 8 tables of 25+ rows sharded.
+ALONG_THE_WAY = ["train.eval_every_steps=8", "train.eval_rows=1000", "train.checkpoint_every_steps=10",
+                 "train.shard_min_rows=25"]
 
 
-def train_run(run_dir: Path, processed: Path, overrides: list[str], *args: str) -> dict:
-    """dlrm.train on 2 ranks with the tiny profile and ``overrides``; the config, stdout and train.json."""
+def train_run(run_dir: Path, processed: Path, overrides: list[str], *args: str, ranks: int = 2) -> dict:
+    """dlrm.train on ``ranks`` ranks with the tiny profile and ``overrides``; the config, stdout and train.json."""
     cfg = resolve("tiny", ["inference.ranks=2", "inference.warmup_batches=1", "inference.max_batches=4",
                            *overrides])
     run_dir.mkdir(exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_json()))
     proc = run(["-m", "dlrm.train", "--config", str(run_dir / "config.json"), "--data", str(processed),
-                "--out", str(run_dir), *args], ranks=2)
+                "--out", str(run_dir), *args], ranks=ranks)
     result = run_dir / "train.json"
     return {"dir": run_dir, "data": processed, "cfg": cfg, "stdout": proc.stdout,
             "result": json.loads(result.read_text()) if result.exists() else None}
@@ -134,6 +168,20 @@ def test_training_learns_and_counts_every_row(trained):
     assert result["lr_schedule"] == {"dense_lr": cfg.train.dense_lr, "sparse_lr": cfg.train.sparse_lr,
                                      "warmup_steps": 0, "decay_start_step": 0, "decay_steps": 0}
     assert len(result["peak_rss_bytes"]) == 2 and all(b > 50 << 20 for b in result["peak_rss_bytes"])
+    for peak, estimate in zip(result["peak_rss_bytes"], result["memory_estimate_bytes"]):
+        parts = ("runtime", "tables", "optimizer_state", "mlps", "activations", "batches")
+        assert estimate["total"] == sum(estimate[p] for p in parts) and estimate["tables"] > 0
+        assert estimate["runtime"] < estimate["total"] and 0.5 < peak / estimate["total"] < 3
+    sharding = result["sharding"]
+    assert sharding["shard_min_rows"] == 25 and [r["rank"] for r in sharding["ranks"]] == [0, 1]
+    assert sorted(sharding["replicated_tables"] + [t for r in sharding["ranks"] for t in r["tables"]]) == list(range(26))
+    loader = result["loader"]
+    assert len(loader["per_rank"]) == 2 and all(r["batches"] == steps for r in loader["per_rank"])
+    assert loader["samples_per_s"] > 0 and loader["ratio_to_training"] == pytest.approx(
+        loader["samples_per_s"] / result["samples_per_s"])
+    assert [set(p) for p in result["phase_seconds"]] == [{"data", "forward", "backward", "gradient_sync",
+                                                          "optimizer"}] * 2
+    assert result["ccl_environment"] is None  # gloo
     print(f"\ntiny training: {result['samples_per_s']:.0f} samples/s on 2 ranks, AUC {result['auc']:.4f}")
 
 
@@ -201,9 +249,9 @@ def test_bf16_learns_and_stops_at_the_target_auc(trained, tmp_path):
 def test_checkpoint_restores_the_model(trained):
     from dlrm.inference import load_model
 
-    model = load_model(trained["dir"] / "model.pt")
+    model = load_model(trained["dir"] / "model.pt")  # the whole model, the sharded tables gathered
     manifest = json.loads((trained["data"] / "manifest.json").read_text())
-    assert [e.num_embeddings for e in model.embeddings] == manifest["vocab_sizes"]
+    assert model.embeddings.rows == manifest["vocab_sizes"]
     assert not list(trained["dir"].glob(".*.tmp"))  # no temporary files left behind
 
 

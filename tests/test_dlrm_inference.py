@@ -109,7 +109,7 @@ def test_int8_quantizes_the_linear_layers_and_shares_the_tables(checkpoint):
     assert len(quantized) == 4 and not [m for m in int8.modules() if type(m) is nn.Linear]
     assert all(m.weight().dtype == torch.qint8 for m in quantized)
     # The tables are shared, not copied; the fp32 model is left as it was.
-    assert all(q.weight is w for q, w in zip(int8.embeddings, model.embedding_parameters()))
+    assert all(q is w for q, w in zip(int8.embedding_parameters(), model.embedding_parameters()))
     assert len([m for m in model.modules() if type(m) is nn.Linear]) == 4
 
 

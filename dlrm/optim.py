@@ -1,0 +1,59 @@
+"""The embedding tables' optimizer: Adagrad that reads and writes only the rows a batch touched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class SparseAdagrad(torch.optim.Optimizer):
+    """torch.optim.Adagrad's arithmetic (no lr decay, accumulator starting at 0), for sparse gradients:
+
+        g = the row's gradient (its entries summed);  sum += g²;  row -= lr * g / (sqrt(sum) + eps)
+
+    fused into a handful of ops per table weight: duplicate ids are summed with one sort
+    (torch.unique) and one index_add, the accumulator rows are gathered once, updated and
+    written back, and the weight rows updated by one index_add. torch's sparse Adagrad
+    builds and coalesces several sparse tensors per step instead (~2 ms more per step here).
+    Its per-coordinate step shrinks with the squared gradients a row has seen, so rare ids
+    (most rows of a Zipf-distributed table, seen a few times in one epoch) still take large
+    steps while frequent ids settle.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, eps: float = 1e-10):
+        super().__init__(params, {"lr": lr, "eps": eps})
+        for group in self.param_groups:
+            for param in group["params"]:
+                self.state[param]["sum"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def state_sum(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The accumulated squared gradients of ``param`` (its shape)."""
+        return self.state[param]["sum"]
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            lr, eps = group["lr"], group["eps"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if not param.grad.is_sparse:  # a small table's dense gradient: untouched rows have 0, stay put
+                    self.state[param]["sum"].addcmul_(param.grad, param.grad)
+                    param.addcdiv_(param.grad, self.state[param]["sum"].sqrt().add_(eps), value=-lr)
+                    continue
+                if param.grad._nnz() == 0:
+                    continue
+                rows, grad = _sum_duplicates(param.grad)
+                total = self.state[param]["sum"].index_select(0, rows).addcmul_(grad, grad)
+                self.state[param]["sum"].index_copy_(0, rows, total)
+                param.index_add_(0, rows, grad.div_(total.sqrt_().add_(eps)), alpha=-lr)
+
+
+def _sum_duplicates(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct rows, their summed gradient rows) of a sparse [rows, d] gradient; the values are a new tensor."""
+    indices, values = grad._indices()[0], grad._values()
+    if grad.is_coalesced():
+        return indices, values.clone()
+    rows, inverse = torch.unique(indices, return_inverse=True)
+    return rows, values.new_zeros(len(rows), values.shape[1]).index_add_(0, inverse, values)

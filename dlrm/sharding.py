@@ -1,0 +1,226 @@
+"""Hybrid parallelism for the embedding tables: large tables sharded across the ranks, small ones replicated.
+
+As the reference DLRM (``--dist-backend``, its all-to-all "butterfly") and Intel's DLRM workflow:
+  * the MLPs are data-parallel: every rank holds them and one all-reduce averages their
+    gradients (dlrm.dist.GradientBuffer);
+  * a table with at least ``train.shard_min_rows`` rows lives on ONE rank (model-parallel,
+    whole tables, largest first onto the rank holding the fewest rows so far). Its owner
+    looks up the ids of the whole global batch (the loader reads them for it), and one
+    all-to-all hands every rank the vectors of its own rows. Backward is the same exchange
+    in reverse, so the owner receives the gradient of every row of the global batch and
+    updates its tables alone;
+  * smaller tables are replicated: each rank looks up its own rows and their gradients
+    are averaged over the ranks. When they hold no more rows than one rank's batch looks
+    up (rows <= b * tables: a batch touches most of them anyway) their gradient is dense
+    and averaged with the MLPs' in the same all-reduce; otherwise the touched rows are
+    averaged in one sparse all-reduce.
+
+    rank r:  replicated tables: ids [b, n]    ─> [b, n, d] ─────────────────────────┐
+             its own tables:    ids [G, k_r]  ─> [G, k_r, d] ─ all-to-all ─> [b, k_0 + k_1 + ..., d]
+                                                      (rows of rank j's part go to rank j) │
+             both blocks ─> DLRM's interaction  (``tables`` says which vector is which table) <─┘
+
+b is this rank's part of the global batch G (b = G/W in training). A plan with nothing
+sharded is plain data parallelism; one rank owning tables is a single process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from dlrm.model import EmbeddingTables
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    """Where each table lives: ``owners[t]`` is the rank holding table t, None when replicated."""
+
+    vocab_sizes: tuple[int, ...]
+    owners: tuple[int | None, ...]
+    world_size: int
+    shard_min_rows: int
+    replicated_dense: bool  # the replicated tables' gradients are dense (see the module docstring)
+
+    @property
+    def replicated(self) -> list[int]:
+        return [t for t, owner in enumerate(self.owners) if owner is None]
+
+    def owned(self, rank: int) -> list[int]:
+        return [t for t, owner in enumerate(self.owners) if owner == rank]
+
+    @property
+    def any_sharded(self) -> bool:
+        return any(owner is not None for owner in self.owners)
+
+    def concatenated(self) -> list[int]:
+        """The tables in the order ShardedEmbeddings hands out their vectors: the replicated
+        ones, then those owned by rank 0, rank 1, ..."""
+        return self.replicated + [t for r in range(self.world_size) for t in self.owned(r)]
+
+    def describe(self) -> dict:
+        """For train.json: which tables are replicated and which rank holds which."""
+        return {
+            "shard_min_rows": self.shard_min_rows,
+            "replicated_tables": self.replicated,
+            "replicated_rows": sum(self.vocab_sizes[t] for t in self.replicated),
+            "replicated_gradients": "dense" if self.replicated_dense else "sparse",
+            "ranks": [{"rank": r, "tables": self.owned(r), "rows": sum(self.vocab_sizes[t] for t in self.owned(r))}
+                      for r in range(self.world_size)],
+        }
+
+
+def plan_tables(vocab_sizes: list[int], world_size: int, shard_min_rows: int, local_batch: int) -> ShardingPlan:
+    """Shard every table of at least ``shard_min_rows`` rows (0: none), balancing rows per rank;
+    ``local_batch``: the rows of one rank's part of a batch (decides dense replicated gradients).
+
+    Greedy, largest first, each onto the rank with the fewest rows so far (ties: fewer
+    tables, then the lower rank), which keeps ranks within one table of each other.
+    """
+    owners: list[int | None] = [None] * len(vocab_sizes)
+    rows = [0] * world_size
+    tables = [0] * world_size
+    if shard_min_rows > 0:
+        candidates = sorted((t for t, size in enumerate(vocab_sizes) if size >= shard_min_rows),
+                            key=lambda t: (-vocab_sizes[t], t))
+        for t in candidates:
+            rank = min(range(world_size), key=lambda r: (rows[r], tables[r], r))
+            owners[t] = rank
+            rows[rank] += vocab_sizes[t]
+            tables[rank] += 1
+    replicated = [size for size, owner in zip(vocab_sizes, owners) if owner is None]
+    dense = sum(replicated) <= local_batch * len(replicated)
+    return ShardingPlan(tuple(vocab_sizes), tuple(owners), world_size, shard_min_rows, dense)
+
+
+class ShardedIds(NamedTuple):
+    """The ids one rank needs for one global batch (what data.read_sharded_batch reads)."""
+
+    replicated: torch.Tensor  # int64 [b, len(plan.replicated)]: this rank's rows
+    owned: torch.Tensor  # int64 [G, len(plan.owned(rank))]: every rank's rows, in rank order
+    batch_sizes: tuple[int, ...]  # rows of each rank's part; G is their sum
+
+
+class AllToAll(torch.autograd.Function):
+    """The butterfly: each owner's lookups for the global batch -> each rank's vectors for its rows.
+
+    forward:  [G, k_me, d] -> [b_me, k_0 + ... + k_{W-1}, d]; the rows of rank j's part
+              (rows sum(b_<j) .. sum(b_<=j) of G) go to rank j.
+    backward: the gradients travel back the same way: [b_me, sum k, d] -> [G, k_me, d].
+    One all_to_all_single each way (gloo supports it on CPU, with uneven splits).
+    """
+
+    @staticmethod
+    def forward(ctx, looked_up: torch.Tensor, batch_sizes: tuple[int, ...], tables_per_rank: tuple[int, ...],
+                rank: int) -> torch.Tensor:
+        dim = looked_up.shape[2]
+        mine = batch_sizes[rank]
+        send = [b * looked_up.shape[1] * dim for b in batch_sizes]
+        receive = [mine * k * dim for k in tables_per_rank]
+        received = looked_up.new_empty(sum(receive))
+        torch_dist.all_to_all_single(received, looked_up.contiguous().view(-1), receive, send)
+        ctx.shape, ctx.send, ctx.receive, ctx.tables_per_rank = looked_up.shape, send, receive, tables_per_rank
+        blocks = [block.view(mine, k, dim) for block, k in zip(received.split(receive), tables_per_rank)]
+        return torch.cat(blocks, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        blocks = [block.reshape(-1) for block in grad.split(list(ctx.tables_per_rank), dim=1)]
+        returned = grad.new_empty(sum(ctx.send))
+        torch_dist.all_to_all_single(returned, torch.cat(blocks), ctx.send, ctx.receive)
+        return returned.view(ctx.shape), None, None, None
+
+
+class ShardedEmbeddings(nn.Module):
+    """This rank's share of the 26 tables (``replicated``: copies on every rank; ``local``: the
+    tables it owns) behaving, across the ranks, like all of them: ids -> [b, 26, d], vector i
+    belonging to table ``tables[i]``."""
+
+    def __init__(self, plan: ShardingPlan, rank: int, dim: int):
+        super().__init__()
+        self.plan, self.rank = plan, rank
+        sizes = plan.vocab_sizes
+        self.replicated = EmbeddingTables(plan.replicated, [sizes[t] for t in plan.replicated], dim,
+                                          sparse=not plan.replicated_dense)
+        self.local = EmbeddingTables(plan.owned(rank), [sizes[t] for t in plan.owned(rank)], dim)
+        self.tables_per_rank = tuple(len(plan.owned(r)) for r in range(plan.world_size))
+        self.tables = plan.concatenated()  # which table each output vector belongs to
+
+    def reset_parameters(self, seeds: list[int]) -> None:
+        self.replicated.reset_parameters(seeds)
+        self.local.reset_parameters(seeds)
+
+    def forward(self, ids: ShardedIds) -> list[torch.Tensor]:
+        """[b, n, d] from the replicated tables, then (if any are sharded) [b, sum k_r, d] from the owners."""
+        parts = [self.replicated(ids.replicated)]
+        if self.plan.any_sharded:
+            looked_up = self.local(ids.owned)
+            if self.plan.world_size > 1:
+                looked_up = AllToAll.apply(looked_up, ids.batch_sizes, self.tables_per_rank, self.rank)
+            parts.append(looked_up)
+        return parts  # the interaction concatenates them with the bottom MLP's output
+
+    def average_gradients(self) -> None:
+        """After backward: the gradients of the global batch's mean loss, on every table.
+
+        Each rank's loss is the mean over its own rows, so the global mean is their average:
+        sparse replicated gradients are summed over the ranks (one sparse all-reduce of the
+        touched rows) and divided by W (dense ones are averaged with the MLPs'), the owned
+        tables' (summed by the all-to-all) divided by W.
+        """
+        world_size = self.plan.world_size
+        if world_size == 1:
+            return
+        if self.plan.replicated and self.replicated.sparse:
+            grad = self.replicated.weight.grad.coalesce()  # fewer rows to send: a batch repeats ids
+            torch_dist.all_reduce(grad)  # sparse: every rank's rows gathered and summed, in place
+            self.replicated.weight.grad = grad.coalesce() / world_size
+        if self.plan.owned(self.rank):
+            self.local.weight.grad = self.local.weight.grad / world_size
+
+    def gather(self, replicated: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
+        """All tables' rows [sum(vocab), ...] in table order on rank 0 (None on the others), from
+        every rank's tensors laid out like ``self.replicated.weight`` and ``self.local.weight``
+        (the weights themselves, or optimizer state of their shape). A collective."""
+        full = None
+        plan = self.plan
+        if self.rank == 0:
+            full = replicated.new_empty(sum(plan.vocab_sizes), *replicated.shape[1:])
+            starts = torch.tensor([0, *plan.vocab_sizes]).cumsum(0).tolist()
+            for rank in range(plan.world_size):
+                if rank == 0:
+                    pieces = local
+                else:
+                    rows = sum(plan.vocab_sizes[t] for t in plan.owned(rank))
+                    pieces = replicated.new_empty(rows, *replicated.shape[1:])
+                    if rows:
+                        torch_dist.recv(pieces, src=rank)
+                _place(full, starts, plan.owned(rank), plan.vocab_sizes, pieces)
+            _place(full, starts, plan.replicated, plan.vocab_sizes, replicated)
+        elif local.shape[0]:
+            torch_dist.send(local.contiguous(), dst=0)
+        return full
+
+    def split(self, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (replicated, local) rows of a tensor laid out like all the tables (``gather``'s inverse)."""
+        starts = torch.tensor([0, *self.plan.vocab_sizes]).cumsum(0).tolist()
+
+        def rows(tables: list[int]) -> torch.Tensor:
+            if not tables:
+                return full.new_empty(0, *full.shape[1:])
+            return torch.cat([full[starts[t]:starts[t + 1]] for t in tables])
+
+        return rows(self.plan.replicated), rows(self.plan.owned(self.rank))
+
+
+def _place(full: torch.Tensor, starts: list[int], tables: list[int], sizes: tuple[int, ...],
+           pieces: torch.Tensor) -> None:
+    """Copy ``pieces`` (the rows of ``tables``, end to end) to their places in ``full``."""
+    offset = 0
+    for t in tables:
+        full[starts[t]:starts[t + 1]] = pieces[offset:offset + sizes[t]]
+        offset += sizes[t]
