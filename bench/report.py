@@ -221,7 +221,28 @@ def training_section(results: dict) -> str:
         ("test AUC", evaluate.get("auc")),
         ("oracle AUC", evaluate.get("oracle_auc")),
     ], ["figure", "value"], "Final figures"))
+    ranks = rank_rows(train)
+    if ranks:
+        parts.append(table(ranks, ["rank", "sharded tables", "sharded rows", "peak memory", "estimated memory"],
+                           "Per rank: embedding tables held (the replicated ones are on every rank) and memory"))
     return "\n".join(parts)
+
+
+def rank_rows(train: dict) -> list[Row]:
+    """One row per training rank: the tables it owns, its peak RSS and the memory estimate."""
+    peaks = train.get("peak_rss_bytes") or []
+    estimates = train.get("memory_estimate_bytes") or []
+    plan = (train.get("sharding") or {}).get("ranks") or []
+    rows = []
+    for r, peak in enumerate(peaks):
+        owned = plan[r] if r < len(plan) else {}
+        estimate = (estimates[r] or {}).get("total") if r < len(estimates) else None
+        rows.append((r, owned.get("tables"), owned.get("rows"), _mib(peak), _mib(estimate)))
+    return rows
+
+
+def _mib(size: object) -> str | None:
+    return f"{size / 2**20:,.0f} MiB" if isinstance(size, (int, float)) else None
 
 
 # --- (c) inference batch-size sweep ----------------------------------------------------------------
@@ -281,13 +302,18 @@ SUMMARY = [
     ("test log loss", "stages.evaluate.logloss", ""),
     ("test accuracy", "stages.evaluate.accuracy", ""),
     ("training throughput", "stages.train.samples_per_s", "samples/s"),
+    ("training roofline fraction", "stages.train.roofline_fraction", ""),
+    ("loader throughput / training throughput", "stages.train.loader.ratio_to_training", ""),
     ("training final loss", "stages.train.final_loss", ""),
     ("data generation", "stages.data.rows_per_s", "rows/s"),
     ("preprocessing (Spark job)", "stages.preprocess.rows_per_s", "rows/s"),
+    ("preprocessing per core", "stages.preprocess.rows_per_s_per_core", "rows/s"),
+    ("preprocessing parse floor (pyarrow CSV)", "stages.preprocess.parse_floor_rows_per_s", "rows/s"),
     ("inference throughput", "stages.inference.samples_per_s", "samples/s"),
     ("inference latency p50", "stages.inference.latency_ms.p50", "ms"),
     ("inference latency p99", "stages.inference.latency_ms.p99", "ms"),
     ("inference batch size", "stages.inference.batch_size", ""),
+    ("inference roofline fraction (best batch size)", "stages.inference.roofline_fraction", ""),
     ("run wall time", "total_seconds", "s"),
 ]
 

@@ -197,3 +197,13 @@ def test_chromium_renders_the_report(tmp_path, full_page):
     pixels = imread(shot)
     assert pixels.shape[:2] == (2000, 1200)
     assert_a_picture(pixels)
+
+
+def test_rank_rows_pair_each_ranks_tables_with_its_memory():
+    from bench.report import rank_rows
+
+    train = {"peak_rss_bytes": [1 << 30, 3 << 29], "sharding": {"ranks": [{"rank": 0, "tables": [9, 19], "rows": 120},
+                                                                       {"rank": 1, "tables": [0], "rows": 70}]},
+             "memory_estimate_bytes": [{"total": 1 << 29}, {"total": 1 << 29}]}
+    assert rank_rows(train) == [(0, [9, 19], 120, "1,024 MiB", "512 MiB"), (1, [0], 70, "1,536 MiB", "512 MiB")]
+    assert rank_rows({"peak_rss_bytes": [1 << 20]}) == [(0, None, None, "1 MiB", None)]
