@@ -16,7 +16,7 @@ from preprocess.layout import cat_name, id_dtype
 NpyFile = tuple[str, int]  # path, byte offset of row 0
 
 
-def _create_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> int:
+def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> int:
     """An .npy file of the given shape, zero-filled (sparse); returns the byte offset of its data."""
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(
@@ -32,7 +32,7 @@ def create_split(folder: Path, rows: int, vocab_sizes: list[int]) -> dict[str, N
     files = {"label": (np.dtype(np.uint8), (rows,)), "dense": (np.dtype(np.float32), (rows, NUM_DENSE))}
     for j in range(NUM_SPARSE):
         files[cat_name(j)] = (id_dtype(vocab_sizes[j]), (rows,))
-    return {name: (str(folder / f"{name}.npy"), _create_npy(folder / f"{name}.npy", dtype, shape))
+    return {name: (str(folder / f"{name}.npy"), create_npy(folder / f"{name}.npy", dtype, shape))
             for name, (dtype, shape) in files.items()}
 
 

@@ -16,12 +16,13 @@ lines never travel through the JVM.
    buckets; Spark shuffles the buckets, and one task per bucket sums them
    and keeps the values seen at least ``freq_threshold`` times
    (``_scratch/counts``, ``preprocess/vocab.py``).
-2. **vocabularies** (driver): ids 1, 2, ... by descending count, ties by
-   ascending value; id 0 is missing, rare or unseen.
-3. **map** (one Spark job, a few tasks per core): each task maps its parsed
-   rows to ids and writes them straight into the final ``.npy`` files at
-   its rows' offset (``preprocess/arrays.py``), so no pass over the rows
-   runs on the driver.
+2. **vocabularies** (driver, one column at a time): ids 1, 2, ... by
+   descending count, ties by ascending value; id 0 is missing, rare or
+   unseen. Each column's lookup table is written once (``_scratch/lookup``).
+3. **map** (one Spark job, a few tasks per core): each task memory-maps the
+   lookup tables, maps its parsed rows to ids and writes them straight into
+   the final ``.npy`` files at its rows' offset (``preprocess/arrays.py``),
+   so no pass over the rows runs on the driver.
    The evaluation day's rows keep their line order; its first half is
    ``test``, the second ``val``.
 
@@ -40,7 +41,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 import zipimport
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,7 +48,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark.sql import SparkSession
 from pyspark.sql import types as T
 
@@ -60,7 +59,8 @@ from preprocess.layout import FORMAT_VERSION, MANIFEST, SPLITS, cat_name, id_dty
 from preprocess.measure import PeakRss, parse_floor_rows_per_s  # noqa: F401 - parse_floor_rows_per_s: the pipeline's name
 from preprocess.parse import DENSE, PARSED_ARROW, PIECE_BYTES, REJECT_SAMPLE, SPARSE, parse_chunk
 from preprocess.ranges import INPUT_ERROR, RANGE_BYTES, InputRange, checked_chunks, group_ranges, plan_ranges
-from preprocess.vocab import count_blobs, merge_counts, save_vocabularies, value_counts, vocab_sets
+from preprocess.vocab import (KeptSlice, count_blobs, direct_lookup, load_lookups, lookup_ids, merge_counts, save_kept,
+                              save_vocabularies, value_counts)
 
 STEPS = 4  # progress() calls in run()
 JOB_VERSION = 2  # bump when the output of the same inputs and settings changes
@@ -71,10 +71,13 @@ COUNTS_SCHEMA = T.StructType(
     [T.StructField("bucket", T.IntegerType(), False), T.StructField("keys", T.BinaryType(), False),
      T.StructField("counts", T.BinaryType(), False)]
 )
+# Per merged bucket and column: rows [start, stop) of the bucket's file hold the column's kept values.
 KEPT_SCHEMA = T.StructType(
-    [T.StructField("bucket", T.IntegerType(), False), T.StructField("kept", T.LongType(), False)]
+    [T.StructField("bucket", T.IntegerType(), False), T.StructField("column", T.IntegerType(), False),
+     T.StructField("start", T.LongType(), False), T.StructField("stop", T.LongType(), False)]
 )
-_KEPT_ARROW = pa.schema([("bucket", pa.int32(), False), ("kept", pa.int64(), False)])
+_KEPT_ARROW = pa.schema([("bucket", pa.int32(), False), ("column", pa.int32(), False), ("start", pa.int64(), False),
+                         ("stop", pa.int64(), False)])
 # Per mapped range: OOV values per column (column -1: rows with at least one) in test (0) or val (1).
 OOV_SCHEMA = T.StructType(
     [T.StructField("split", T.ByteType(), False), T.StructField("column", T.IntegerType(), False),
@@ -148,7 +151,8 @@ def _parse_range(r: InputRange, scratch: str, max_ind_range: int, buckets: int) 
 
 
 def _merge_task(scratch: str, threshold: int, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """Sum the partial counts of the buckets in this partition; write the keys kept, per bucket."""
+    """Sum the partial counts of the buckets in this partition; write the keys kept, per bucket, and say
+    where each column's are."""
     _lazy_zip_caches()
     parts: dict[int, list[tuple[bytes, bytes]]] = {}
     for batch in batches:
@@ -158,15 +162,16 @@ def _merge_task(scratch: str, threshold: int, batches: Iterator[pa.RecordBatch])
         keys, counts = merge_counts(np.frombuffer(b"".join(k for k, _ in blobs), np.int64),
                                     np.frombuffer(b"".join(c for _, c in blobs), np.int64))
         keep = counts >= threshold
-        path = f"{scratch}/counts/{bucket:06d}.npy"
-        with open(path + ".tmp", "wb") as f:
-            np.save(f, np.stack([keys[keep], counts[keep]], axis=1))
-        os.replace(path + ".tmp", path)
-        yield pa.RecordBatch.from_pydict({"bucket": [bucket], "kept": [int(keep.sum())]}, schema=_KEPT_ARROW)
+        kept = save_kept(f"{scratch}/counts/{bucket:06d}.bin", keys[keep], counts[keep])
+        yield pa.RecordBatch.from_pydict({"bucket": [bucket] * len(kept), "column": [j for j, _ in kept],
+                                          "start": [k.start for _, k in kept], "stop": [k.stop for _, k in kept]},
+                                         schema=_KEPT_ARROW)
 
 
-def count_and_parse(spark: SparkSession, ranges: list[InputRange], scratch: Path, cfg: PreprocessConfig) -> np.ndarray:
-    """Run step 1; return [n, 2] int64 (key, count) of the training values kept (key = column << 32 | value)."""
+def count_and_parse(spark: SparkSession, ranges: list[InputRange], scratch: Path,
+                    cfg: PreprocessConfig) -> list[list[KeptSlice]]:
+    """Run step 1; return, per column, where the (key, count) pairs of its kept training values are
+    (key = column << 32 | value)."""
     (scratch / "parsed").mkdir(parents=True, exist_ok=True)
     (scratch / "counts").mkdir(parents=True, exist_ok=True)
     parallelism = spark.sparkContext.defaultParallelism
@@ -179,9 +184,12 @@ def count_and_parse(spark: SparkSession, ranges: list[InputRange], scratch: Path
     merge = functools.partial(_merge_task, str(scratch), max(cfg.freq_threshold, 1))
     partial_counts = spark.range(0, len(groups), 1, len(groups)).mapInArrow(parse, COUNTS_SCHEMA)
     kept = partial_counts.repartition(max(1, buckets // 4), "bucket").mapInArrow(merge, KEPT_SCHEMA)
-    rows = _spark_action(kept.collect)
-    tables = [np.load(scratch / "counts" / f"{r['bucket']:06d}.npy") for r in sorted(rows, key=lambda r: r["bucket"])]
-    return np.concatenate(tables) if tables else np.empty((0, 2), np.int64)
+    rows = sorted(_spark_action(kept.collect), key=lambda r: (r["bucket"], r["column"]))
+    columns: list[list[KeptSlice]] = [[] for _ in range(NUM_SPARSE)]
+    for r in rows:
+        path = str(scratch / "counts" / f"{r['bucket']:06d}.bin")
+        columns[r["column"]].append(KeptSlice(path, r["start"], r["stop"]))
+    return columns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,17 +210,27 @@ class Target:
 Outputs = dict[str, dict[str, NpyFile]]  # split -> file name -> file
 
 
-def _map_task(groups: list[list[Target]], scratch: str, vocab_dir: str, run_id: str, outputs: Outputs,
+@dataclass(frozen=True)
+class Lookups:
+    """Each column's lookup table (``preprocess/vocab.py``), whether they are direct, and each column's id dtype."""
+
+    tables: list[np.ndarray]
+    direct: bool
+    dtypes: list[np.dtype]
+
+
+def _map_task(groups: list[list[Target]], scratch: str, lookup_dir: str, direct: bool, outputs: Outputs,
               id_dtypes: list[str], test_rows: int, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     _lazy_zip_caches()
-    vocab = vocab_sets(vocab_dir, run_id)
+    # Mapped for the task, not kept by the worker: the driver then deletes the scratch folder, also on NFS.
+    lookups = Lookups(load_lookups(lookup_dir), direct, [np.dtype(d) for d in id_dtypes])
     for batch in batches:
         for task in batch.column(0).to_pylist():
             for target in groups[task]:
-                yield from _map_range(target, scratch, vocab, outputs, id_dtypes, test_rows)
+                yield from _map_range(target, scratch, lookups, outputs, test_rows)
 
 
-def _map_range(target: Target, scratch: str, vocab: list[pa.Array], outputs: Outputs, id_dtypes: list[str],
+def _map_range(target: Target, scratch: str, lookups: Lookups, outputs: Outputs,
                test_rows: int) -> Iterator[pa.RecordBatch]:
     at = target.at  # row of the next rows in the training split or the evaluation day
     with pa.OSFile(_parsed_path(scratch, target.index), "rb") as source:
@@ -222,23 +240,22 @@ def _map_range(target: Target, scratch: str, vocab: list[pa.Array], outputs: Out
         for b in range(0, reader.num_record_batches, step):
             table = pa.Table.from_batches(
                 [reader.get_batch(i) for i in range(b, min(b + step, reader.num_record_batches))], PARSED_ARROW)
-            yield from _map_rows(table, at, target.train, vocab, outputs, id_dtypes, test_rows)
+            yield from _map_rows(table, at, target.train, lookups, outputs, test_rows)
             at += table.num_rows
     assert at == target.at + target.rows, (target, at)
 
 
-def _map_rows(table: pa.Table, at: int, train: bool, vocab: list[pa.Array], outputs: Outputs,
-              id_dtypes: list[str], test_rows: int) -> Iterator[pa.RecordBatch]:
+def _map_rows(table: pa.Table, at: int, train: bool, lookups: Lookups, outputs: Outputs,
+              test_rows: int) -> Iterator[pa.RecordBatch]:
     n = table.num_rows
     label = table.column("label").to_numpy()
     dense = np.column_stack([table.column(c).to_numpy() for c in DENSE])
     ids, oov = [], []
     for j, c in enumerate(SPARSE):
-        values = table.column(c)
-        found = pc.index_in(values, value_set=vocab[j]).fill_null(-1).to_numpy()
-        ids.append((found + 1).astype(id_dtypes[j]))
+        found, valid = lookup_ids(lookups.tables[j], table.column(c), lookups.direct, lookups.dtypes[j])
+        ids.append(found)
         if not train:  # present, but rare or unseen in training
-            oov.append((found < 0) & values.is_valid().to_numpy())
+            oov.append(found == 0 if valid is None else (found == 0) & valid)
     # (split, its row for row lo of the table, rows [lo, hi) of the table)
     if train:
         pieces = [("train", at, 0, n)]
@@ -262,12 +279,13 @@ def _map_rows(table: pa.Table, at: int, train: bool, vocab: list[pa.Array], outp
                  "count": np.array([any_row, *per_column], np.int64)})
 
 
-def map_and_write(spark: SparkSession, targets: list[Target], scratch: Path, vocab_dir: Path, outputs: Outputs,
+def map_and_write(spark: SparkSession, targets: list[Target], scratch: Path, max_ind_range: int, outputs: Outputs,
                   vocab_sizes: list[int], test_rows: int) -> dict:
     """Run step 3; return the OOV account of the evaluation day."""
     groups = group_ranges([t.rows for t in targets], TASKS_PER_CORE * spark.sparkContext.defaultParallelism)
-    task = functools.partial(_map_task, [[targets[i] for i in g] for g in groups], str(scratch), str(vocab_dir),
-                             uuid.uuid4().hex, outputs, [str(id_dtype(v)) for v in vocab_sizes], test_rows)
+    task = functools.partial(_map_task, [[targets[i] for i in g] for g in groups], str(scratch),
+                             str(scratch / "lookup"), direct_lookup(max_ind_range), outputs,
+                             [str(id_dtype(v)) for v in vocab_sizes], test_rows)
     rows = _spark_action(lambda: spark.range(0, len(groups), 1, len(groups))
                          .mapInArrow(task, OOV_SCHEMA).collect()) if targets else []
     oov = {"test": np.zeros(NUM_SPARSE + 1, np.int64), "val": np.zeros(NUM_SPARSE + 1, np.int64)}
@@ -323,13 +341,13 @@ def _run(spark: SparkSession, cfg: PreprocessConfig, train_files: list[Path], ev
         clock = time.perf_counter()
         progress("parse lines and count training values")
         ranges = plan_ranges(train_files, eval_files, range_bytes)
-        counts = count_and_parse(spark, ranges, scratch, cfg)
+        kept = count_and_parse(spark, ranges, scratch, cfg)
         summaries = _summaries(scratch, ranges)
         steps["parse_and_count"] = round(time.perf_counter() - clock, 3)
 
         clock = time.perf_counter()
         progress("build vocabularies")
-        vocab_sizes = save_vocabularies(counts, tmp / "vocab")
+        vocab_sizes = save_vocabularies(kept, tmp / "vocab", scratch / "lookup", cfg.max_ind_range)
         targets, at = [], {True: 0, False: 0}
         for r, summary in zip(ranges, summaries):
             if summary["rows"]:
@@ -351,7 +369,7 @@ def _run(spark: SparkSession, cfg: PreprocessConfig, train_files: list[Path], ev
 
         clock = time.perf_counter()
         progress("map ids and write arrays")
-        oov = map_and_write(spark, targets, scratch, tmp / "vocab", outputs, vocab_sizes, test_rows)
+        oov = map_and_write(spark, targets, scratch, cfg.max_ind_range, outputs, vocab_sizes, test_rows)
         steps["map_and_write"] = round(time.perf_counter() - clock, 3)
 
         clock = time.perf_counter()

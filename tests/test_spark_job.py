@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bench.config import resolve
-from preprocess import spark_job
+from preprocess import spark_job, vocab
 from preprocess.layout import ProcessedData, cat_name
 from preprocess.ranges import RANGE_BYTES
 from tests.conftest import criteo_line, write_day
@@ -202,6 +202,20 @@ def test_max_ind_range_hashes_values_before_counting(job, local_spark, tmp_path)
     test = ProcessedData(tmp_path / "out", "test")
     assert test.cats[0].tolist() == [vocab.get(int(c[0], 16) % m, 0) if c[0] else 0 for _, _, c in eval_rows[:100]]
     assert manifest["max_ind_range"] == m
+
+
+def test_direct_and_hashed_lookup_tables_write_the_same_bytes(job, local_spark, tmp_path, monkeypatch):
+    _, out, _, _ = job
+    raw = out.parent
+    cfg = resolve("tiny", ["preprocess.engine=local", "preprocess.freq_threshold=2",
+                           "preprocess.max_ind_range=1000003"]).preprocess
+    days = ([raw / "day_0", raw / "day_1"], [raw / "day_2"])
+    direct = spark_job.run(local_spark, cfg, *days, tmp_path / "direct")  # values below 1000003: direct tables
+    monkeypatch.setattr(vocab, "DIRECT_MAX", 0)  # the driver picks the kind of table and tells the map tasks
+    hashed = spark_job.run(local_spark, cfg, *days, tmp_path / "hashed")
+    assert direct["files"] == hashed["files"]
+    assert direct["oov_per_column"] == hashed["oov_per_column"] and sum(direct["oov_per_column"]["test"]) > 0
+    assert direct["vocab_sizes"][0] > 2
 
 
 @pytest.mark.parametrize("range_bytes", [RANGE_BYTES, 9973])  # a gzip day in one chunk, or in many
