@@ -49,6 +49,7 @@ Determinism
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import multiprocessing.queues
@@ -60,9 +61,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
+from threadpoolctl import threadpool_limits
 
 from bench.config import NUM_DENSE, NUM_SPARSE, DataConfig
 from bench.fsutil import atomic_open, atomic_write_json
@@ -96,9 +95,16 @@ NEGATIVE_CUMULATIVE = ((0.002, -3), (0.012, -2), (0.10, -1))
 
 # Independent SeedSequence streams: the model's parameters, its calibration sample, the rows.
 _MODEL_STREAM, _CALIBRATION_STREAM, _ROWS_STREAM = 0, 1, 2
-_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_COLUMN_NAMES = ["label"] + [f"i{j}" for j in range(NUM_DENSE)] + [f"c{c}" for c in range(NUM_SPARSE)]
-_WRITE_OPTIONS = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+# Byte b as its two hex digits: the uint16 whose little-endian bytes are the digits in order.
+_HEX_PAIRS = np.frombuffer(b"".join(f"{b:02x}".encode() for b in range(256)), dtype=np.uint16)
+# Writing lines: fields per line, and rows formatted at a time (their working set fits the CPU cache).
+_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
+_BLOCK_ROWS = 8192
+_TAB, _NEWLINE = ord("\t"), ord("\n")
+_TABS = np.frombuffer(b"\t" * 8, dtype=np.uint64)[0]
+_LABEL_WORDS = np.frombuffer(b"0\t\t\t\t\t\t\t1\t\t\t\t\t\t\t", dtype=np.uint64)
+# Integers formatted by table lookup: all but the largest counts. The rest are formatted one by one.
+_INT_TABLE_RANGE = (-999, 100_000)
 
 
 def cardinalities(max_cardinality: int) -> list[int]:
@@ -146,9 +152,16 @@ class ClickModel:
         products = np.zeros((ranks.shape[1], FACTOR_DIM), dtype=np.float32)
         for a, b in self.pairs:
             products += gathered[a] * gathered[b]
-        # Summing the FACTOR_DIM columns as a matrix-vector product: numpy's short-axis sum is slow.
-        interactions = products @ np.ones(FACTOR_DIM, dtype=np.float32)
-        return {"values": values, "interactions": interactions, "dense": self.dense_weight @ dense}
+        # The FACTOR_DIM (4) columns summed in pairs, (0 + 1) + (2 + 3): bit for bit the sums of the
+        # OpenBLAS matrix-vector product the data were first made with; numpy's short-axis sum is slow.
+        halves = products[:, 0::2] + products[:, 1::2]
+        interactions = halves[:, 0] + halves[:, 1]
+        # One BLAS thread: OpenBLAS splits the product's rows between its threads and rounds those at
+        # the seams differently, so more threads would make the data depend on the core count (and
+        # waking them costs more than they save here).
+        with threadpool_limits(1, user_api="blas"):
+            dense_part = self.dense_weight @ dense
+        return {"values": values, "interactions": interactions, "dense": dense_part}
 
     def logit(self, ranks: np.ndarray, dense: np.ndarray) -> np.ndarray:
         parts = self.parts(ranks, dense)
@@ -169,16 +182,25 @@ def _sample_ranks(rng: np.random.Generator, rows: int, cards: tuple[int, ...], e
     """intp [NUM_SPARSE, rows]: each value's frequency rank, -1 where missing."""
     ranks = np.empty((NUM_SPARSE, rows), dtype=np.intp)  # intp: gathers need no index conversion
     power = 1.0 - exponent
+    # Computed in place, in the same float32 operations as the plain expressions in the comments.
+    u, x = np.empty(rows, dtype=np.float32), np.empty(rows, dtype=np.float32)
     for column, (card, missing) in enumerate(zip(cards, CAT_MISSING)):
         # One uniform per cell decides both: below `missing` the value is
         # missing, the rest of [0, 1) is stretched back to [0, 1) for the rank.
-        u = rng.random(rows, dtype=np.float32)
-        v = (u - np.float32(missing)) * np.float32(1.0 / (1.0 - missing))
-        # Inverse CDF of the density ~ x^-s on [1, card + 1).
-        x = (np.float32(1.0) + np.float32((card + 1) ** power - 1.0) * v) ** np.float32(1.0 / power)
-        rank = np.clip(x.astype(np.intp) - 1, 0, card - 1)
-        rank[u < missing] = -1
-        ranks[column] = rank
+        rng.random(dtype=np.float32, out=u)
+        # v = (u - missing) / (1 - missing), which is u itself when nothing is missing.
+        np.subtract(u, np.float32(missing), out=x)
+        x *= np.float32(1.0 / (1.0 - missing))
+        # Inverse CDF of the density ~ x^-s on [1, card + 1): x = (1 + ((card + 1)^(1-s) - 1) v)^(1/(1-s)).
+        x *= np.float32((card + 1) ** power - 1.0)
+        x += np.float32(1.0)
+        np.power(x, np.float32(1.0 / power), out=x)
+        rank = ranks[column]
+        np.copyto(rank, x, casting="unsafe")  # x.astype(intp): truncation
+        rank -= 1
+        np.clip(rank, 0, card - 1, out=rank)
+        if missing:
+            np.putmask(rank, u < missing, -1)
     return ranks
 
 
@@ -186,22 +208,31 @@ def _sample_dense(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.n
     """(int64 [NUM_DENSE, rows] counts, bool [NUM_DENSE, rows] missing)."""
     values = np.empty((NUM_DENSE, rows), dtype=np.int64)
     missing = np.empty((NUM_DENSE, rows), dtype=bool)
+    z, u = np.empty(rows, dtype=np.float32), np.empty(rows, dtype=np.float32)
     for j, (miss, median, sigma) in enumerate(DENSE_SHAPE):
-        z = rng.standard_normal(rows, dtype=np.float32)
-        counts = np.exp(np.float32(np.log(median)) + np.float32(sigma) * z)
+        # X = exp(log(median) + sigma z), in place.
+        rng.standard_normal(dtype=np.float32, out=z)
+        z *= np.float32(sigma)
+        z += np.float32(np.log(median))
+        np.exp(z, out=z)
         # floor(X) - 1 of a log-normal X: every X < 2 becomes 0, so zeros are common.
-        values[j] = np.maximum(counts.astype(np.int64) - 1, 0)
-        missing[j] = rng.random(rows, dtype=np.float32) < miss
-    u = rng.random(rows, dtype=np.float32)
+        np.copyto(values[j], z, casting="unsafe")
+        values[j] -= 1
+        np.maximum(values[j], 0, out=values[j])
+        rng.random(dtype=np.float32, out=u)
+        np.less(u, miss, out=missing[j])
+    rng.random(dtype=np.float32, out=u)
     for upper, negative in reversed(NEGATIVE_CUMULATIVE):
-        values[NEGATIVE_COLUMN][u < upper] = negative
+        np.putmask(values[NEGATIVE_COLUMN], u < upper, negative)
     return values, missing
 
 
 def _dense_log(values: np.ndarray, missing: np.ndarray) -> np.ndarray:
     """float32 d = log1p(max(x, 0)), 0 when missing: the dense input preprocessing produces."""
-    d = np.log1p(np.maximum(values, 0).astype(np.float32))
-    d[missing] = 0.0
+    d = values.astype(np.float32)
+    np.maximum(d, 0, out=d)  # the same as converting max(x, 0): conversion keeps the order, and 0 is exact
+    np.log1p(d, out=d)
+    np.putmask(d, missing, 0.0)
     return d
 
 
@@ -211,8 +242,8 @@ def _dense_log(values: np.ndarray, missing: np.ndarray) -> np.ndarray:
 def _hex_tokens(rng: np.random.Generator, count: int) -> np.ndarray:
     """``count`` distinct random 32-bit values as uint64 words of 8 ASCII hex digits."""
     values = rng.choice(2**32, size=count, replace=False).astype(np.uint32)
-    nibbles = (values[:, None] >> np.arange(28, -1, -4, dtype=np.uint32)) & 15
-    return np.ascontiguousarray(_HEX_DIGITS[nibbles]).view(np.uint64).ravel()
+    # Big-endian bytes, each to its two digits.
+    return np.take(_HEX_PAIRS, values.astype(">u4").view(np.uint8)).view(np.uint64).ravel()
 
 
 def _with_missing_slot(values: np.ndarray) -> np.ndarray:
@@ -223,9 +254,16 @@ def _with_missing_slot(values: np.ndarray) -> np.ndarray:
 def _bisect_bias(logits: np.ndarray, click_rate: float) -> float:
     """The bias b with mean(sigmoid(b + logits)) == click_rate (the mean is increasing in b)."""
     low, high = -40.0, 40.0
+    p = np.empty_like(logits)
     for _ in range(60):
         mid = (low + high) / 2
-        if np.mean(1.0 / (1.0 + np.exp(-(mid + logits)))) < click_rate:
+        # p = 1 / (1 + exp(-(mid + logits))), in place
+        np.add(logits, mid, out=p)
+        np.negative(p, out=p)
+        np.exp(p, out=p)
+        p += 1.0
+        np.divide(1.0, p, out=p)
+        if np.mean(p) < click_rate:
             low = mid
         else:
             high = mid
@@ -289,20 +327,94 @@ class DayFile(NamedTuple):
     probabilities: np.ndarray | None  # float32 [rows], the true click probabilities, likewise
 
 
-def _hex_column(tokens: np.ndarray, ranks: np.ndarray) -> pa.Array:
-    """An Arrow string column of the ranks' tokens, null where missing, built from raw buffers."""
+def _padded_words(text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Byte strings (dtype S<w>, w >= 8, zero-padded) -> (uint64 of each one's first 8 bytes with
+    tabs in place of the padding, int64 lengths)."""
+    chars = text.view(np.uint8).reshape(len(text), text.dtype.itemsize)
+    head = np.where(chars[:, :8] == 0, np.uint8(_TAB), chars[:, :8])
+    return np.ascontiguousarray(head).view(np.uint64).ravel(), np.count_nonzero(chars, axis=1)
+
+
+@functools.cache
+def _int_table() -> tuple[np.ndarray, np.ndarray]:
+    """Words and widths (length + 1 for the separator) of the integers in ``_INT_TABLE_RANGE``, then
+    a last entry for a missing field."""
+    words, lengths = _padded_words(np.arange(*_INT_TABLE_RANGE).astype("S8"))
+    return np.append(words, _TABS), np.append(lengths + 1, 1).astype(np.uint8)
+
+
+class _RowFormat(NamedTuple):
+    """Lookup tables for formatting rows, made once per day."""
+
+    tokens: tuple[np.ndarray, ...]  # per column, the model's tokens then 8 tabs: rank -1 (missing) picks these
+    int_words: np.ndarray  # uint64, by value - _INT_TABLE_RANGE[0]; the last entry for missing
+    int_widths: np.ndarray  # uint8, likewise
+
+    @classmethod
+    def of(cls, model: ClickModel) -> _RowFormat:
+        return cls(tuple(np.append(t, _TABS) for t in model.tokens), *_int_table())
+
+
+def _tsv_lines(fmt: _RowFormat, labels: np.ndarray, values: np.ndarray, missing: np.ndarray,
+               ranks: np.ndarray) -> np.ndarray:
+    """uint8: the rows as Criteo TSV lines: label, integers in decimal, tokens, missing fields empty.
+
+    labels: int8 [rows]; values, missing: [NUM_DENSE, rows]; ranks: [NUM_SPARSE, rows], -1 where missing.
+    Formatting is most of the generator's work, so it is table lookups and 8-byte stores: integers
+    come from a table of their text, tokens from the model's. Each field is one little-endian uint64
+    word, its first 8 bytes padded with tabs, stored with an unaligned 8-byte store at the field's
+    offset in a buffer of tabs, one field at a time for all rows. A word's padding spills only into
+    the later fields of its row, stored after it, or onto separators, which are tabs anyway. Missing
+    hex fields are not stored (their 8 tabs could reach into the next row); the bytes past the 8th
+    of integers longer than that go in one by one.
+    """
+    rows = len(labels)
+    widths = np.empty((_FIELDS, rows), dtype=np.uint8)  # bytes per field, with its separator
+    widths[0] = 2
+    # Integers: table entries, the missing ones the last; those outside the table formatted apart.
+    missing_entry = len(fmt.int_words) - 1
+    index = values - _INT_TABLE_RANGE[0]
+    outside = np.nonzero((index.view(np.uint64) >= missing_entry) & ~missing)  # negative ones wrap to huge
+    np.putmask(index, missing, missing_entry)
+    index[outside] = missing_entry
+    int_words = np.take(fmt.int_words, index)
+    widths[1 : 1 + NUM_DENSE] = np.take(fmt.int_widths, index)
+    text = values[outside].astype("S20")
+    int_words[outside], lengths = _padded_words(text)
+    widths[1 : 1 + NUM_DENSE][outside] = lengths + 1
     present = ranks >= 0
-    offsets = np.zeros(len(ranks) + 1, dtype=np.int32)
-    np.cumsum(present, dtype=np.int32, out=offsets[1:])
-    offsets *= 8
-    validity = np.packbits(present, bitorder="little")
-    data = np.take(tokens, ranks[present])
-    buffers = (pa.py_buffer(offsets), pa.py_buffer(data), pa.py_buffer(validity))
-    return pa.StringArray.from_buffers(len(ranks), *buffers)
+    np.multiply(present, np.uint8(8), out=widths[1 + NUM_DENSE :])
+    widths[1 + NUM_DENSE :] += 1
+
+    row_widths = widths.sum(axis=0, dtype=np.int64)
+    ends = np.cumsum(row_widths)
+    size = int(ends[-1])
+    out = np.full(size + 8, _TAB, dtype=np.uint8)
+    # The words at every byte offset; offset `size` (past the lines) takes the missing hex fields.
+    at = np.ndarray((size + 1,), dtype=np.uint64, buffer=out, strides=(1,))
+    offsets = ends - row_widths
+    at[offsets] = _LABEL_WORDS[labels]
+    for j in range(NUM_DENSE):
+        offsets += widths[j]
+        at[offsets] = int_words[j]
+    for c, tokens in enumerate(fmt.tokens):
+        offsets += widths[NUM_DENSE + c]
+        at[np.where(present[c], offsets, size)] = np.take(tokens, ranks[c])
+    out[ends - 1] = _NEWLINE
+    longer = lengths > 8
+    if longer.any():
+        columns, rows_at = outside[0][longer], outside[1][longer]
+        # Offset of integer column j in a row: the widths of the fields before it, 0 .. j.
+        before = np.cumsum(widths[: 1 + NUM_DENSE, rows_at], axis=0, dtype=np.int64)
+        starts = ends[rows_at] - row_widths[rows_at] + before[columns, np.arange(len(columns))]
+        tails = text[longer].view(np.uint8).reshape(len(columns), text.dtype.itemsize)[:, 8:]
+        field, byte = np.nonzero(tails)
+        out[starts[field] + 8 + byte] = tails[field, byte]
+    return out[:size]
 
 
 def _write_chunk(
-    f: BinaryIO, model: ClickModel, seed: int, day: int, chunk: int, rows: int
+    f: BinaryIO, model: ClickModel, fmt: _RowFormat, seed: int, day: int, chunk: int, rows: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Append chunk ``chunk`` of ``day`` to ``f``; return its labels and true click probabilities.
 
@@ -313,12 +425,10 @@ def _write_chunk(
     values, missing = _sample_dense(rng, rows)
     probabilities = model.probability(ranks, _dense_log(values, missing))
     labels = (rng.random(rows, dtype=np.float32) < probabilities).astype(np.int8)
-    columns = [pa.array(labels)]
-    # Arrow's int-to-string cast plus a string write beats the CSV writer's own integer formatting.
-    columns += [pc.cast(pa.array(values[j], mask=missing[j]), pa.string()) for j in range(NUM_DENSE)]
-    columns += [_hex_column(model.tokens[c], ranks[c]) for c in range(NUM_SPARSE)]
-    # Nulls are written as empty fields; hex tokens and integers never need quoting.
-    pacsv.write_csv(pa.Table.from_arrays(columns, names=_COLUMN_NAMES), f, write_options=_WRITE_OPTIONS)
+    # Formatted a block at a time: the block's words, offsets and text stay in the CPU cache.
+    for start in range(0, rows, _BLOCK_ROWS):
+        block = slice(start, start + _BLOCK_ROWS)
+        f.write(_tsv_lines(fmt, labels[block], values[:, block], missing[:, block], ranks[:, block]))
     return labels, probabilities
 
 
@@ -332,10 +442,11 @@ def _write_day(
     evaluation = day == cfg.days
     kept_labels: list[np.ndarray] = []
     kept_probabilities: list[np.ndarray] = []
+    fmt = _RowFormat.of(model)
     with atomic_open(path, "wb") as f:
         for chunk, start in enumerate(range(0, cfg.rows_per_day, CHUNK_ROWS)):
             rows = min(CHUNK_ROWS, cfg.rows_per_day - start)
-            labels, probabilities = _write_chunk(f, model, cfg.seed, day, chunk, rows)
+            labels, probabilities = _write_chunk(f, model, fmt, cfg.seed, day, chunk, rows)
             clicks += int(labels.sum())
             if evaluation:
                 kept_labels.append(labels)

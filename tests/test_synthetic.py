@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_limits
 
 from bench.config import NUM_DENSE, NUM_SPARSE, DataConfig, resolve
 from preprocess import synthetic
@@ -177,3 +178,49 @@ def test_a_day_failing_in_a_worker_raises_its_error(tmp_path):
         synthetic.generate(small_config(**{"data.rows_per_day": 500}), tmp_path, workers=2)
     # Days already running finish; none is left half-written, and there is no manifest.
     assert {p.name for p in tmp_path.iterdir()} <= {"day_0", "day_1", "day_2"}
+
+
+def test_lines_are_the_fields_joined_whatever_the_values(generated):
+    """The vectorised line writer against plain Python formatting: integers of every sign and length
+    (past its lookup table, longer than its 8-byte words, int64's extremes), any field missing."""
+    cfg, _, _ = generated
+    model = synthetic.build_model(cfg)
+    rng = np.random.default_rng(0)
+    rows = 3000
+    int64 = np.iinfo(np.int64)
+    edges = np.array([0, 9, 10, -1, -3, -999, -1000, 99_999, 100_000, 12_345_678, 99_999_999, 100_000_000,
+                      -10_000_000, int64.max, int64.min])
+    shape = (NUM_DENSE, rows)
+    spread = rng.integers(-(10**12), 10**12, shape) // 10 ** rng.integers(0, 12, shape)  # 1 to 13 characters
+    values = np.where(rng.random(shape) < 0.5, rng.choice(edges, shape), spread)
+    missing = rng.random(shape) < 0.3
+    ranks = np.stack([rng.integers(0, card, rows) for card in model.cardinalities])
+    ranks[rng.random(ranks.shape) < 0.3] = -1
+    ranks[:, :2], missing[:, :2] = -1, True  # rows with every field empty
+    labels = rng.integers(0, 2, rows).astype(np.int8)
+
+    got = synthetic._tsv_lines(synthetic._RowFormat.of(model), labels, values, missing, ranks).tobytes()
+    tokens = [[t.decode() for t in model.token_strings(c)] for c in range(NUM_SPARSE)]
+    expected = "".join(
+        "\t".join([str(labels[r])] + ["" if missing[j, r] else str(values[j, r]) for j in range(NUM_DENSE)]
+                  + ["" if ranks[c, r] < 0 else tokens[c][ranks[c, r]] for c in range(NUM_SPARSE)]) + "\n"
+        for r in range(rows)
+    )
+    assert got.decode() == expected
+    assert any(len(str(v)) > 8 for v in values[~missing])  # the longest integers were written
+
+
+def test_the_click_model_does_not_depend_on_the_blas_threads(generated):
+    """OpenBLAS rounds the rows where it splits a matrix-vector product between threads differently,
+    which would make the data depend on the number of cores."""
+    cfg, _, _ = generated
+    model = synthetic.build_model(cfg)
+    rows = synthetic.CHUNK_ROWS
+    rng = np.random.default_rng(0)
+    ranks = synthetic._sample_ranks(rng, rows, model.cardinalities, model.exponent)
+    dense = synthetic._dense_log(*synthetic._sample_dense(rng, rows))
+    with threadpool_limits(1, user_api="blas"):
+        one = model.parts(ranks, dense)
+    with threadpool_limits(2, user_api="blas"):
+        two = model.parts(ranks, dense)
+    assert all(np.array_equal(one[k], two[k]) for k in ("values", "interactions", "dense"))
