@@ -158,6 +158,9 @@ class InferenceConfig(_Section):
     variants: list[InferenceVariant] = Field(
         min_length=1, description="precisions scored on the val split and timed at batch_size; must include fp32"
     )
+    compile: bool = Field(
+        default=True, description="run the variants compiled by TorchInductor when it works here (it needs a C++ "
+                                  "compiler; a cold compile takes ~10-30 s per variant); false: eagerly")
 
     @field_validator("variants")
     @classmethod

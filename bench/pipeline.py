@@ -267,7 +267,7 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement, agent: Path 
             )
         out = read_json(run.dir / "inference.json")
         keys = ("samples_per_s", "latency_ms", "batch_size", "batches", "ranks", "sweep", "best", "variants",
-                "flops_per_sample")
+                "flops_per_sample", "compile")
         rec.update({k: out[k] for k in keys})
         # The fraction at the batch size that maximises throughput.
         rec["roofline_fraction"] = round(out["roofline_fraction"], 4)
