@@ -158,3 +158,21 @@ def test_interrupt_during_training_cleans_up_and_records_it(tiny_run, tmp_path, 
     schema.validate(r)
     time.sleep(1)
     assert not engine_processes()
+
+
+@pytest.mark.integration
+def test_repeat_runs_the_timed_stages_again_and_records_medians_and_spread(tmp_path):
+    proc, r = run_pipeline(tmp_path, "repeat=2", "preprocess.engine=local", "inference.variants=[fp32]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    schema.validate(r)
+    metrics = r["repeats"]["metrics"]
+    assert r["repeats"]["n"] == 2
+    for path in ("stages.preprocess.rows_per_s", "stages.train.samples_per_s", "stages.inference.samples_per_s"):
+        values = metrics[path]["values"]
+        assert len(values) == 2 and metrics[path]["median"] == sum(values) / 2
+        assert metrics[path]["spread"] == round((max(values) - min(values)) / metrics[path]["median"], 6)
+    assert r["stages"]["train"]["samples_per_s"] == metrics["stages.train.samples_per_s"]["median"]
+    assert metrics["stages.evaluate.auc"]["values"][0] == metrics["stages.evaluate.auc"]["values"][1]  # same seed
+    logs = tmp_path / "results" / "runs" / r["run_id"] / "logs"
+    assert {"train-1.log", "train-2.log", "inference-1.log", "inference-2.log"} <= {p.name for p in logs.iterdir()}
+    assert not (tmp_path / "results" / "runs" / r["run_id"] / "preprocess-repeat").exists()
