@@ -264,11 +264,13 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement, agent: Path 
                 ["--config", str(run.dir / "config.json"), "--data", str(data), "--checkpoint", str(run.dir / "model.pt"),
                  "--out", str(run.dir), "--gemm-gflops", str(gflops)],
                 run.logs / f"{log}.log", max(1, single.nodes[0]["cpus"] // ranks), agent=agent, mpi=run.mpi,
+                extra_env=launch.SERVING_MALLOC,
             )
         out = read_json(run.dir / "inference.json")
         keys = ("samples_per_s", "latency_ms", "batch_size", "batches", "ranks", "sweep", "best", "variants",
                 "flops_per_sample", "compile")
         rec.update({k: out[k] for k in keys})
+        rec["malloc_environment"] = launch.SERVING_MALLOC
         # The fraction at the batch size that maximises throughput.
         rec["roofline_fraction"] = round(out["roofline_fraction"], 4)
 

@@ -234,15 +234,16 @@ def plan(shard: Range, batch_size: int, warmup: int, max_batches: int) -> tuple[
     """(warm-up batches, timed batches) of one shard.
 
     Timed batches are full ones (a short batch would skew the latency), unless the
-    shard is smaller than one batch. Warm-up batches follow the timed ones, wrapping
-    around when the shard is short: any rows will do, they are never timed.
+    shard is smaller than one batch; there are always ``max_batches`` of them, going
+    round the shard again when it is short, so that a point spans enough time to be
+    measured. Warm-up batches follow the shard's first timed ones: any rows will do.
     """
     ranges = data.batch_ranges(shard, batch_size)
     full = [r for r in ranges if r[1] - r[0] == batch_size] or ranges[:1]
     if not full:
         raise ValueError(f"this rank's shard of the val split is empty ({shard})")
-    timed = full[:max_batches]
-    warm = [full[(len(timed) + i) % len(full)] for i in range(warmup)]
+    timed = [full[i % len(full)] for i in range(max_batches)]
+    warm = [full[(max_batches + i) % len(full)] for i in range(warmup)]
     return warm, timed
 
 

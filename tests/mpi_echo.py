@@ -12,7 +12,7 @@ if info.rank == 0:
     print("PROGRESS " + json.dumps({"step": 1, "steps": 2}), flush=True)
 print(f"rank {info.rank} of {info.world_size} started", flush=True)
 out = sys.argv[1]
-keys = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+keys = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "GLIBC_TUNABLES")
 with open(f"{out}/rank{info.rank}.json", "w") as f:
     json.dump({k: os.environ.get(k) for k in keys} | {"pid": os.getpid(), "rank": info.rank, "size": info.world_size,
                                                        "local_rank": info.local_rank, "launcher": info.launcher}, f)

@@ -30,7 +30,13 @@ def test_plan_times_full_batches_and_warms_up_on_others():
 
 def test_plan_for_a_shard_smaller_than_a_batch():
     warm, timed = plan((0, 50), batch_size=512, warmup=3, max_batches=10)
-    assert timed == [(0, 50)] and warm == [(0, 50)] * 3
+    assert timed == [(0, 50)] * 10 and warm == [(0, 50)] * 3
+
+
+def test_plan_goes_round_a_short_shard_to_time_max_batches():
+    warm, timed = plan((0, 1000), batch_size=300, warmup=1, max_batches=5)
+    assert timed == [(0, 300), (300, 600), (600, 900), (0, 300), (300, 600)]
+    assert warm == [(600, 900)]
 
 
 def test_plan_rejects_an_empty_shard():
