@@ -8,6 +8,7 @@ tells each process its rank, and the ranks meet over TCP at MASTER_ADDR:MASTER_P
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -192,28 +193,58 @@ def broadcast(obj: object, src: int = 0) -> object:
 
 
 class GradientBuffer:
-    """The gradients of ``params`` as views of one flat tensor, averaged over the ranks in ONE all-reduce.
+    """The gradients of ``buckets`` of parameters as views of one flat tensor, summed over the ranks
+    by one all-reduce per bucket, started as soon as backward has produced the bucket's gradients.
 
-    Data parallelism for the MLPs (and small dense-gradient tables) without DDP: on a rank
-    with one core there is nothing to overlap the all-reduce with, and one collective on one
-    buffer, with no copies in or out, beats DDP's per-step bookkeeping. backward accumulates
-    into the views in place, so the buffer is zeroed (``zero``) instead of the gradients
-    being set to None (an optimizer's zero_grad must not be called on these parameters).
+    Data parallelism for the MLPs (and small dense-gradient tables) without DDP's per-step
+    bookkeeping: no copies in or out of the buffer, and a bucket's all-reduce (gloo works on
+    its own threads) overlaps the rest of backward - list the buckets in the order backward
+    completes them (the top MLP's before the bottom's). backward accumulates into the views in
+    place, so the buffer is zeroed (``zero``) instead of the gradients being set to None (an
+    optimizer's zero_grad must not be called on these parameters). The ranks' gradients are
+    summed, not averaged: each rank scales its loss to its share of the global loss.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.flat = torch.zeros(sum(p.numel() for p in params))
+    def __init__(self, buckets: list[list[torch.nn.Parameter]]):
+        buckets = [bucket for bucket in buckets if bucket]
+        self.flat = torch.zeros(sum(p.numel() for bucket in buckets for p in bucket))
+        self.slices: list[torch.Tensor] = []
         offset = 0
-        for param in params:
-            param.grad = self.flat[offset:offset + param.numel()].view_as(param)
-            offset += param.numel()
+        for bucket in buckets:
+            start = offset
+            for param in bucket:
+                param.grad = self.flat[offset:offset + param.numel()].view_as(param)
+                offset += param.numel()
+            self.slices.append(self.flat[start:offset])
+        self.sizes = [len(bucket) for bucket in buckets]
+        self.parallel = dist.get_world_size() > 1
+        self._awaited = list(self.sizes)  # gradients each bucket still waits for in this backward
+        self._works: list[dist.Work | None] = [None] * len(buckets)
+        if self.parallel:
+            for i, bucket in enumerate(buckets):
+                for param in bucket:
+                    param.register_post_accumulate_grad_hook(functools.partial(self._accumulated, i))
+
+    def _accumulated(self, bucket: int, _param: torch.nn.Parameter) -> None:
+        self._awaited[bucket] -= 1
+        if self._awaited[bucket] == 0:
+            self._start(bucket)
+
+    def _start(self, bucket: int) -> None:
+        self._works[bucket] = dist.all_reduce(self.slices[bucket], async_op=True)  # a sum
 
     def zero(self) -> None:
         self.flat.zero_()
+        self._awaited = list(self.sizes)
 
-    def average(self) -> None:
-        """Every rank's gradients replaced by their mean over the ranks."""
-        world_size = dist.get_world_size()
-        if world_size > 1:
-            dist.all_reduce(self.flat)  # sum (gloo has no average)
-            self.flat.div_(world_size)
+    def wait(self) -> None:
+        """After backward: every rank's gradients replaced by their sum over the ranks (a bucket
+        backward left incomplete, e.g. a layer without a gradient this step, is sent now)."""
+        if not self.parallel:
+            return
+        for bucket, work in enumerate(self._works):
+            if work is None:
+                self._start(bucket)
+        for work in self._works:
+            work.wait()
+        self._works = [None] * len(self._works)

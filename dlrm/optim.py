@@ -34,20 +34,26 @@ class SparseAdagrad(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
         for group in self.param_groups:
-            lr, eps = group["lr"], group["eps"]
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if not param.grad.is_sparse:  # a small table's dense gradient: untouched rows have 0, stay put
-                    self.state[param]["sum"].addcmul_(param.grad, param.grad)
-                    param.addcdiv_(param.grad, self.state[param]["sum"].sqrt().add_(eps), value=-lr)
-                    continue
-                if param.grad._nnz() == 0:
-                    continue
-                rows, grad = _sum_duplicates(param.grad)
-                total = self.state[param]["sum"].index_select(0, rows).addcmul_(grad, grad)
-                self.state[param]["sum"].index_copy_(0, rows, total)
-                param.index_add_(0, rows, grad.div_(total.sqrt_().add_(eps)), alpha=-lr)
+                self.update(param)
+
+    @torch.no_grad()
+    def update(self, param: torch.nn.Parameter) -> None:
+        """``step`` for one of the parameters (dlrm.train updates a table as soon as its gradient is complete)."""
+        if param.grad is None:
+            return
+        (group,) = [g for g in self.param_groups if any(p is param for p in g["params"])]
+        lr, eps, state = group["lr"], group["eps"], self.state[param]["sum"]
+        if not param.grad.is_sparse:  # a small table's dense gradient: untouched rows have 0, stay put
+            state.addcmul_(param.grad, param.grad)
+            param.addcdiv_(param.grad, state.sqrt().add_(eps), value=-lr)
+            return
+        if param.grad._nnz() == 0:
+            return
+        rows, grad = _sum_duplicates(param.grad)
+        total = state.index_select(0, rows).addcmul_(grad, grad)
+        state.index_copy_(0, rows, total)
+        param.index_add_(0, rows, grad.div_(total.sqrt_().add_(eps)), alpha=-lr)
 
 
 def _sum_duplicates(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ sharded is plain data parallelism; one rank owning tables is a single process.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as torch_dist
@@ -105,34 +105,91 @@ class ShardedIds(NamedTuple):
     batch_sizes: tuple[int, ...]  # rows of each rank's part; G is their sum
 
 
-class AllToAll(torch.autograd.Function):
-    """The butterfly: each owner's lookups for the global batch -> each rank's vectors for its rows.
+class Exchange:
+    """The all-to-all "butterfly" of one global batch: each owner's lookups -> each rank's vectors for its rows.
 
-    forward:  [G, k_me, d] -> [b_me, k_0 + ... + k_{W-1}, d]; the rows of rank j's part
-              (rows sum(b_<j) .. sum(b_<=j) of G) go to rank j.
-    backward: the gradients travel back the same way: [b_me, sum k, d] -> [G, k_me, d].
-    One all_to_all_single each way (gloo supports it on CPU, with uneven splits).
+    forward:  [G, k_me, d] -> blocks [b_me, k_j, d], one per rank j (rank j's tables' vectors for my
+              rows); the rows of rank j's part (rows sum(b_<j) .. sum(b_<=j) of G) go to rank j.
+    backward: the gradients travel back the same way: the blocks' gradients -> [G, k_me, d].
+
+    One all_to_all_single each way (gloo supports it on CPU, with uneven splits), each started
+    asynchronously by one autograd node and waited for by another (_Send, _Receive): ``start``
+    sends, ``finish`` waits, and the work in between overlaps the exchange - the bottom MLP in
+    forward; in backward, which runs the nodes in reverse order of creation, the bottom MLP's and
+    the replicated tables' backward.
     """
 
-    @staticmethod
-    def forward(ctx, looked_up: torch.Tensor, batch_sizes: tuple[int, ...], tables_per_rank: tuple[int, ...],
-                rank: int) -> torch.Tensor:
-        dim = looked_up.shape[2]
-        mine = batch_sizes[rank]
-        send = [b * looked_up.shape[1] * dim for b in batch_sizes]
-        receive = [mine * k * dim for k in tables_per_rank]
-        received = looked_up.new_empty(sum(receive))
-        torch_dist.all_to_all_single(received, looked_up.contiguous().view(-1), receive, send)
-        ctx.shape, ctx.send, ctx.receive, ctx.tables_per_rank = looked_up.shape, send, receive, tables_per_rank
-        blocks = [block.view(mine, k, dim) for block, k in zip(received.split(receive), tables_per_rank)]
-        return torch.cat(blocks, dim=1)
+    def __init__(self, batch_sizes: tuple[int, ...], tables_per_rank: tuple[int, ...], rank: int):
+        self.batch_sizes, self.tables_per_rank, self.rank = batch_sizes, tables_per_rank, rank
+        self.work: torch_dist.Work | None = None
+        self.buffers: tuple[torch.Tensor, ...] = ()  # the tensors of the exchange in flight, kept alive
+        self.dim = 0
+
+    def start(self, looked_up: torch.Tensor) -> torch.Tensor:
+        """Start sending this rank's lookups [G, k_me, d]; returns what ``finish`` takes."""
+        self.dim = looked_up.shape[2]
+        return _Send.apply(looked_up, self)
+
+    def finish(self, received: torch.Tensor) -> list[torch.Tensor]:
+        """Wait for the vectors; one block [b_me, k_j, d] per rank j."""
+        return list(_Receive.apply(received, self))
+
+    def sizes(self) -> tuple[list[int], list[int]]:
+        """Elements this rank sends to and receives from each rank in forward (backward: the reverse)."""
+        owned = self.tables_per_rank[self.rank]
+        mine = self.batch_sizes[self.rank]
+        return ([b * owned * self.dim for b in self.batch_sizes],
+                [mine * k * self.dim for k in self.tables_per_rank])
+
+    def run(self, send: torch.Tensor, send_sizes: list[int], receive_sizes: list[int]) -> torch.Tensor:
+        """Start one all-to-all of the flat ``send``; returns the flat tensor it fills."""
+        received = send.new_empty(sum(receive_sizes))
+        self.buffers = (send, received)
+        self.work = torch_dist.all_to_all_single(received, send, receive_sizes, send_sizes, async_op=True)
+        return received
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.work, self.buffers = None, ()
+
+
+class _Send(torch.autograd.Function):
+    """Starts the forward exchange; backward waits for the gradients' exchange (_Receive started it)."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        blocks = [block.reshape(-1) for block in grad.split(list(ctx.tables_per_rank), dim=1)]
-        returned = grad.new_empty(sum(ctx.send))
-        torch_dist.all_to_all_single(returned, torch.cat(blocks), ctx.send, ctx.receive)
-        return returned.view(ctx.shape), None, None, None
+    def forward(ctx, looked_up: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+        send, receive = exchange.sizes()
+        ctx.exchange, ctx.shape = exchange, looked_up.shape
+        return exchange.run(looked_up.contiguous().view(-1), send, receive)
+
+    @staticmethod
+    def backward(ctx, _grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        exchange: Exchange = ctx.exchange
+        returned = exchange.buffers[1]
+        exchange.wait()
+        return returned.view(ctx.shape), None
+
+
+class _Receive(torch.autograd.Function):
+    """Waits for the forward exchange (a view per sending rank); backward starts the gradients' exchange."""
+
+    @staticmethod
+    def forward(ctx, received: torch.Tensor, exchange: Exchange) -> tuple[torch.Tensor, ...]:
+        exchange.wait()
+        ctx.exchange = exchange
+        mine = exchange.batch_sizes[exchange.rank]
+        return tuple(block.view(mine, k, exchange.dim)
+                     for block, k in zip(received.split(exchange.sizes()[1]), exchange.tables_per_rank))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:
+        exchange: Exchange = ctx.exchange
+        send, receive = exchange.sizes()
+        packed = grads[0].new_empty(sum(receive))
+        for block, grad in zip(packed.split(receive), grads):
+            block.view_as(grad).copy_(grad)  # the interaction's gradient blocks are strided views
+        exchange.run(packed, receive, send)
+        return packed, None
 
 
 class ShardedEmbeddings(nn.Module):
@@ -155,32 +212,34 @@ class ShardedEmbeddings(nn.Module):
         self.local.reset_parameters(seeds)
 
     def forward(self, ids: ShardedIds) -> list[torch.Tensor]:
-        """[b, n, d] from the replicated tables, then (if any are sharded) [b, sum k_r, d] from the owners."""
-        parts = [self.replicated(ids.replicated)]
-        if self.plan.any_sharded:
-            looked_up = self.local(ids.owned)
-            if self.plan.world_size > 1:
-                looked_up = AllToAll.apply(looked_up, ids.batch_sizes, self.tables_per_rank, self.rank)
-            parts.append(looked_up)
-        return parts  # the interaction concatenates them with the bottom MLP's output
+        """[b, n, d] from the replicated tables, then (if any are sharded) [b, k_r, d] from each owner r."""
+        return self.start(ids)()
 
-    def average_gradients(self) -> None:
-        """After backward: the gradients of the global batch's mean loss, on every table.
+    def start(self, ids: ShardedIds) -> Callable[[], list[torch.Tensor]]:
+        """``forward`` in two halves: look up and start the exchange; the function returned waits for it
+        and returns forward's blocks (DLRM runs its bottom MLP in between)."""
+        if not self.plan.any_sharded:
+            parts = [self.replicated(ids.replicated)]
+            return lambda: parts
+        looked_up = self.local(ids.owned)
+        if self.plan.world_size == 1:
+            parts = [self.replicated(ids.replicated), looked_up]
+            return lambda: parts
+        exchange = Exchange(ids.batch_sizes, self.tables_per_rank, self.rank)
+        received = exchange.start(looked_up)
+        replicated = self.replicated(ids.replicated)  # while the vectors travel
+        return lambda: [replicated, *exchange.finish(received)]
 
-        Each rank's loss is the mean over its own rows, so the global mean is their average:
-        sparse replicated gradients are summed over the ranks (one sparse all-reduce of the
-        touched rows) and divided by W (dense ones are averaged with the MLPs'), the owned
-        tables' (summed by the all-to-all) divided by W.
-        """
-        world_size = self.plan.world_size
-        if world_size == 1:
-            return
-        if self.plan.replicated and self.replicated.sparse:
+    def reduce_sparse_gradients(self) -> None:
+        """After backward: the replicated tables' sparse gradients summed over the ranks (one sparse
+        all-reduce of the touched rows). Each rank's loss is scaled to its share of the global
+        batch's mean loss (dlrm.train), so the sum is that mean's gradient; the owned tables'
+        gradients are already the sum over every rank's rows (the backward exchange), and the dense
+        ones are summed with the MLPs' (dlrm.dist.GradientBuffer)."""
+        if self.plan.world_size > 1 and self.plan.replicated and self.replicated.sparse:
             grad = self.replicated.weight.grad.coalesce()  # fewer rows to send: a batch repeats ids
             torch_dist.all_reduce(grad)  # sparse: every rank's rows gathered and summed, in place
-            self.replicated.weight.grad = grad.coalesce() / world_size
-        if self.plan.owned(self.rank):
-            self.local.weight.grad = self.local.weight.grad / world_size
+            self.replicated.weight.grad = grad.coalesce()
 
     def gather(self, replicated: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
         """All tables' rows [sum(vocab), ...] in table order on rank 0 (None on the others), from

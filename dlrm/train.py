@@ -4,13 +4,16 @@
         python -m dlrm.train --config RUN/config.json --data PROCESSED_DIR --out RUN_DIR [--resume]
 
 Parallelism (dlrm.sharding): the MLPs are data-parallel - every rank holds them, computes
-gradients on its B/W rows of the global batch, and one all-reduce of a flat gradient buffer
-averages them (dist.GradientBuffer). Tables of at least train.shard_min_rows rows are
-sharded: each lives on one rank, which looks up the whole global batch's ids and exchanges
-the vectors (and, backward, their gradients) with the other ranks in one all-to-all.
-Smaller tables are replicated; their gradients ride in the MLPs' buffer when dense, else one
-sparse all-reduce averages them. Every rank builds the same initial model from the seed
-(each table from its own generator, wherever it lives).
+gradients on its B/W rows of the global batch, and all-reduces of a flat gradient buffer
+sum them (dist.GradientBuffer; each rank's loss is scaled by 1/W, so the sum is the mean's
+gradient). Tables of at least train.shard_min_rows rows are sharded: each lives on one
+rank, which looks up the whole global batch's ids and exchanges the vectors (and, backward,
+their gradients) with the other ranks in one all-to-all. Smaller tables are replicated;
+their gradients ride in the MLPs' buffer when dense, else one sparse all-reduce sums them.
+The collectives run while the rank computes: the all-to-all during the bottom MLP (forward)
+and the bottom MLP's backward, the top MLP's all-reduce during the rest of backward, the
+bottom MLP's while the owned tables are updated. Every rank builds the same initial model
+from the seed (each table from its own generator, wherever it lives).
 Rank 0 writes RUN_DIR/train.json and RUN_DIR/model.pt (the whole model, the sharded tables
 gathered from their owners, in the format dlrm.inference loads).
 
@@ -89,12 +92,12 @@ def build_model(vocab_sizes: list[int], cfg: bench_config.Config, plan: Sharding
 
 
 def synchronised_gradients(model: DLRM) -> tuple[dist.GradientBuffer, list[torch.nn.Parameter]]:
-    """The buffer that averages the dense gradients over the ranks (the MLPs' and those of the tables
-    with dense gradients), and the weights with sparse gradients (ShardedEmbeddings.average_gradients
-    averages those)."""
+    """The buffer that sums the dense gradients over the ranks - the top MLP's as soon as backward is
+    past it, then the bottom MLP's with those of the tables with dense gradients - and the weights
+    with sparse gradients (ShardedEmbeddings.reduce_sparse_gradients sums those)."""
     tables = [m for m in model.modules() if isinstance(m, EmbeddingTables)]
-    dense = model.dense_parameters() + [m.weight for m in tables if not m.sparse]
-    return dist.GradientBuffer(dense), [m.weight for m in tables if m.sparse]
+    buckets = [list(model.top.parameters()), [*model.bottom.parameters(), *(m.weight for m in tables if not m.sparse)]]
+    return dist.GradientBuffer(buckets), [m.weight for m in tables if m.sparse]
 
 
 def lr_scale(step: int, warmup_steps: int, decay_start_step: int, decay_steps: int) -> float:
@@ -206,8 +209,8 @@ def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer
           train_data: ProcessedData, test_data: ProcessedData, cfg: bench_config.Config, precision: str,
           checkpoint: Path, resume: dict | None = None, stop_after: int | None = None) -> dict | None:
     """The training loop; returns throughput, the loss at the end, the AUC curve so far and the
-    seconds spent in each phase of a step (PHASES; forward and backward include the all-to-alls,
-    gradient_sync the all-reduces).
+    seconds spent in each phase of a step (PHASES; forward and backward include the waits for the
+    all-to-alls, gradient_sync the waits for the all-reduces).
 
     ``resume``: what load_checkpoint returned. ``stop_after``: stop after that step
     without a result (None is returned), as if the job had been killed there.
@@ -219,6 +222,7 @@ def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer
                          f"of {global_batch}")
     tables: ShardedEmbeddings = model.embeddings
     grads, sparse_weights = synchronised_gradients(model)
+    sparse_opt, dense_opt = optimizers
     base_lrs = [opts.sparse_lr, opts.dense_lr]  # build_model's optimizer order
     loss_fn = nn.BCEWithLogitsLoss()
     report_every = max(1, round(steps * PROGRESS_EVERY))
@@ -252,16 +256,19 @@ def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer
         for weight in sparse_weights:
             weight.grad = None
         t2 = time.perf_counter()
-        loss.backward()
+        # This rank's share of the global batch's mean loss: summed over the ranks, the gradients are the mean's.
+        (loss / info.world_size).backward()  # the all-to-all and the dense gradients' all-reduces run meanwhile
         t3 = time.perf_counter()
-        grads.average()  # the MLPs' (and small tables') gradients, over the ranks
-        tables.average_gradients()  # the sparse tables'
+        sparse_opt.update(tables.local.weight)  # complete: the all-to-all returned every rank's rows
         t4 = time.perf_counter()
-        for opt in optimizers:
-            opt.step()
-        losses[step - 1] = loss.item()
+        grads.wait()  # the MLPs' (and small tables') gradients, summed over the ranks
+        tables.reduce_sparse_gradients()  # the replicated tables', if sparse
         t5 = time.perf_counter()
-        for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+        dense_opt.step()
+        sparse_opt.update(tables.replicated.weight)
+        losses[step - 1] = loss.item()
+        t6 = time.perf_counter()
+        for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t6 - t5 + t4 - t3)):
             phases[name] += seconds
 
         if step % report_every == 0 or step == steps:
@@ -367,7 +374,8 @@ def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runt
     """What this rank should hold at its peak, in bytes: ``runtime_bytes`` (the process before the
     model: Python, torch, the libraries), its tables and their Adagrad state (as large), the MLPs
     with their gradients and two Adam moments, the activations of the larger of a training step
-    and an evaluation batch, and a few input batches."""
+    and an evaluation batch, a few input batches, and on rank 0 all the tables gathered for
+    model.pt (and, with checkpoints, their Adagrad state)."""
     floats = 4
     tables = sum(p.numel() for p in model.embedding_parameters()) * floats
     mlps = sum(p.numel() for p in model.dense_parameters()) * floats
@@ -386,8 +394,11 @@ def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runt
     widest = max(cfg.model.bottom_mlp + cfg.model.top_mlp)
     evaluation = cfg.train.eval_batch_size * (interaction + 2 * widest + world_size * owned)
     batches = 3 * max(local_batch, cfg.train.eval_batch_size) * (13 * 4 + 26 * 8 + 4)  # dense, ids, labels
+    gathered = 0
+    if sharded.rank == 0:
+        gathered = sum(model.vocab_sizes) * dim * floats * (2 if cfg.train.checkpoint_every_steps else 1)
     parts = {"runtime": runtime_bytes, "tables": tables, "optimizer_state": tables, "mlps": 4 * mlps,
-             "activations": max(train, evaluation) * floats, "batches": batches}
+             "activations": max(train, evaluation) * floats, "batches": batches, "gathered": gathered}
     return {**parts, "total": sum(parts.values())}
 
 

@@ -1,7 +1,7 @@
 """The real thing: ranks started by the venv's mpiexec, talking over gloo.
 
   * the sharded lookups and their gradients (all-to-all, uneven batches, sparse all-reduce)
-    equal those of one process holding all the tables; the gradient buffer averages;
+    equal those of one process holding all the tables; the gradient buffer sums;
   * dlrm.train on 2 ranks learns a learnable dataset and accounts for every row;
     evaluates along the way, checkpoints, and a run stopped and resumed ends exactly
     like the uninterrupted one; bf16 still learns, and stops early at a target AUC;
@@ -83,9 +83,10 @@ def exchange_worker(out: str) -> None:
     got = torch.cat(blocks, dim=1)
     expected = whole(ids[rows])[:, mine.tables]
     torch.testing.assert_close(got, expected)
-    got.backward(grads[rows, mine.tables])
-    # Every rank's loss is the sum over its rows: the global mean's gradient is the sum over ranks / W.
-    mine.average_gradients()
+    # Every rank's loss is scaled by 1/W (as dlrm.train does): summed over the ranks, the gradients
+    # are those of the whole batch's loss scaled alike.
+    got.backward(grads[rows, mine.tables] / info.world_size)
+    mine.reduce_sparse_gradients()
     whole(ids).backward(grads / info.world_size)
     reference = whole.weight.grad.to_dense()
     state = mine.gather(mine.replicated.weight.grad.to_dense(), mine.local.weight.grad.to_dense())
@@ -107,20 +108,23 @@ def gradient_buffer_worker(out: str) -> None:
 
     info = dist.launcher_env()
     dist.init(info, "gloo")
-    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))]
-    buffer = dist.GradientBuffer(params)
+    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(5))]
+    buffer = dist.GradientBuffer([[params[0]], [params[1], params[2]]])
     for _ in range(2):  # zeroed between steps, accumulated into in place by backward
         buffer.zero()
-        ((info.rank + 1) * (params[0].sum() + 2 * params[1].sum())).backward()
-        buffer.average()
+        # params[2] gets no gradient: its bucket is never complete in backward, so wait() sends it.
+        loss = (info.rank + 1) * (params[0].sum() + 2 * params[1].sum())
+        (loss / info.world_size).backward()
+        buffer.wait()
         mean = sum(r + 1 for r in range(info.world_size)) / info.world_size
         assert torch.equal(params[0].grad, torch.full((2, 3), mean)) and torch.equal(params[1].grad, torch.full((4,), 2 * mean))
+        assert torch.equal(params[2].grad, torch.zeros(5))
         assert params[0].grad.data_ptr() == buffer.flat.data_ptr()  # still a view of the buffer
     Path(out, f"rank{info.rank}.ok").touch()
     dist.finish()
 
 
-def test_gradient_buffer_averages_over_the_ranks(tmp_path):
+def test_gradient_buffer_sums_over_the_ranks(tmp_path):
     code = f"from tests.test_dlrm_end_to_end import gradient_buffer_worker; gradient_buffer_worker({str(tmp_path)!r})"
     run(["-c", code], ranks=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]
@@ -168,9 +172,12 @@ def test_training_learns_and_counts_every_row(trained):
     assert result["lr_schedule"] == {"dense_lr": cfg.train.dense_lr, "sparse_lr": cfg.train.sparse_lr,
                                      "warmup_steps": 0, "decay_start_step": 0, "decay_steps": 0}
     assert len(result["peak_rss_bytes"]) == 2 and all(b > 50 << 20 for b in result["peak_rss_bytes"])
-    for peak, estimate in zip(result["peak_rss_bytes"], result["memory_estimate_bytes"]):
-        parts = ("runtime", "tables", "optimizer_state", "mlps", "activations", "batches")
+    for rank, (peak, estimate) in enumerate(zip(result["peak_rss_bytes"], result["memory_estimate_bytes"])):
+        parts = ("runtime", "tables", "optimizer_state", "mlps", "activations", "batches", "gathered")
         assert estimate["total"] == sum(estimate[p] for p in parts) and estimate["tables"] > 0
+        # Rank 0 gathers every table, and (checkpoints on) their Adagrad state: 2 x sum(vocab) x d floats.
+        rows = result["sharding"]["replicated_rows"] + sum(r["rows"] for r in result["sharding"]["ranks"])
+        assert estimate["gathered"] == (2 * rows * cfg.model.embedding_dim * 4 if rank == 0 else 0)
         assert estimate["runtime"] < estimate["total"] and 0.5 < peak / estimate["total"] < 3
     sharding = result["sharding"]
     assert sharding["shard_min_rows"] == 25 and [r["rank"] for r in sharding["ranks"]] == [0, 1]
@@ -264,9 +271,9 @@ def infer(trained, ranks: int | None) -> dict:
 
 def test_inference_on_two_ranks(trained):
     result = infer(trained, ranks=2)
-    # Each rank's shard has 1500 rows: 2 full batches of 512 (max_batches is 4).
+    # Each rank's shard has 1500 rows: 2 full batches of 512, timed twice each (max_batches is 4).
     assert result["ranks"] == 2 and result["batch_size"] == 512
-    assert result["batches"] == 4 and result["rows"] == 4 * 512
+    assert result["batches"] == 2 * 4 and result["rows"] == 2 * 4 * 512
     assert result["samples_per_s"] > 0 and len(result["per_rank_samples_per_s"]) == 2
     latency = result["latency_ms"]
     assert 0 < latency["p50"] <= latency["p99"] and latency["mean"] > 0
