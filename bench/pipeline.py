@@ -342,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    # SIGTERM (CI cancelling, a scheduler) cleans up like Ctrl-C does.
+    # SIGTERM (CI cancelling, a scheduler) cleans up like Ctrl-C does; and SIGINT does so also when the
+    # run was started as a background job, which shells start with SIGINT ignored.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     reporter = Reporter()
     run = Run(cfg, reporter)
     start = time.perf_counter()

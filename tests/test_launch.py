@@ -107,9 +107,14 @@ def test_interrupting_the_launch_leaves_no_rank_behind(tmp_path, mpi):
         pids.extend(json.loads(p.read_text())["pid"] for p in tmp_path.glob("rank*.json"))
         os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
 
-    threading.Thread(target=watch, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path), "hang"], tmp_path / "log", 1, mpi=mpi)
+    # Ctrl-C as in a terminal, also where pytest was started with SIGINT ignored (as a background job).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=watch, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path), "hang"], tmp_path / "log", 1, mpi=mpi)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(pids) == 2
     time.sleep(0.5)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
