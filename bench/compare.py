@@ -17,6 +17,9 @@ Repeated runs (REPEAT=N, results["repeats"]) record how far each timed metric sp
 A change past its threshold but no larger than the larger spread of the two files is not called a
 regression (nor an improvement): its verdict is "within spread", which does not fail. Relative
 changes are set against the relative spread (max - min) / median, absolute ones against max - min.
+A file's figure is the median of its runs; --best compares the best of them instead (the highest
+throughput, the lowest time): on a shared machine interference only ever slows a run down, so the
+best of a few runs is the steadiest estimate of what the code can do.
 
 Exit status: 0 no regression; 1 a metric regressed or the candidate run did not succeed;
 2 a file is unreadable or invalid, or the baseline run did not succeed.
@@ -104,6 +107,15 @@ def spread(results: dict, path: str, metric: Metric) -> float | None:
     return record["spread"] if metric.kind == "relative" else record["max"] - record["min"]
 
 
+def figure(results: dict, path: str, metric: Metric, best: bool = False) -> float | None:
+    """The file's value of a metric (with repeated runs, their median); with ``best``, the best of its
+    repeated runs (the file's value when it has none)."""
+    record = (results.get("repeats") or {}).get("metrics", {}).get(path) if best else None
+    if record is None:
+        return number_at(results, path)
+    return record["max"] if metric.better == "higher" else record["min"]
+
+
 def larger_spread(baseline: dict, candidate: dict, path: str, metric: Metric) -> float | None:
     spreads = [s for s in (spread(baseline, path, metric), spread(candidate, path, metric)) if s is not None]
     return max(spreads) if spreads else None
@@ -163,8 +175,10 @@ def _normalised_change(metric: Metric, baseline: dict, candidate: dict, base: fl
     return change(metric, normalised(metric, base, base_per), normalised(metric, cand, cand_per)), note
 
 
-def compare(baseline: dict, candidate: dict, thresholds: Mapping[str, float], raw: bool = False) -> list[Row]:
-    """One row per METRICS entry present in either file; ``thresholds`` overrides the METRICS defaults.
+def compare(baseline: dict, candidate: dict, thresholds: Mapping[str, float], raw: bool = False,
+            best: bool = False) -> list[Row]:
+    """One row per METRICS entry present in either file; ``thresholds`` overrides the METRICS defaults;
+    ``best``: each file's best repeated run rather than their median (see ``figure``).
 
     A row's verdict is of its normalised change when there is one, unless ``raw``; else of its raw change,
     and within spread when that change is past the threshold but not past the repeated runs' spread.
@@ -172,7 +186,7 @@ def compare(baseline: dict, candidate: dict, thresholds: Mapping[str, float], ra
     default_by = RAW if raw or unmeasured(baseline, candidate) else NORMALISED
     rows = []
     for path, metric in METRICS.items():
-        base, cand = number_at(baseline, path), number_at(candidate, path)
+        base, cand = figure(baseline, path, metric, best), figure(candidate, path, metric, best)
         if base is None and cand is None:
             continue
         threshold = thresholds.get(path, metric.threshold)
@@ -316,6 +330,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--raw", action="store_true",
                         help="judge the raw changes even when both files have machine.measured "
                              "(by default speeds and times are judged per unit of the measured machine)")
+    parser.add_argument("--best", action="store_true",
+                        help="compare the best of each file's repeated runs (REPEAT=N) instead of their median")
     return parser.parse_args(argv)
 
 
@@ -333,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: baseline {args.baseline}: {problem}; compare against a succeeded run", file=sys.stderr)
         return 2
 
-    rows = compare(baseline, candidate, effective_thresholds(dict(args.threshold), args.relative_scale), raw=args.raw)
+    rows = compare(baseline, candidate, effective_thresholds(dict(args.threshold), args.relative_scale), raw=args.raw,
+                   best=args.best)
     console = Console()
     if not console.is_terminal:
         console.width = 180  # logs and pipes have no width; rich's 80-column default would cut the numbers
@@ -349,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     if counts := repeat_counts(baseline, candidate):
         console.print(Text(f"note: repeated runs ({counts}): a change past its threshold but within the larger "
                            "spread of the two files' runs is not a regression"))
+        if args.best:
+            console.print(Text("note: --best: each file's best repeated run is compared, not their median"))
     for row in rows:
         if row.verdict == WITHIN_SPREAD:
             console.print(Text(f"within spread: {row.metric} {_decided_change(row)} "

@@ -359,3 +359,26 @@ def test_the_schema_checks_repeats(edit, problem):
     with pytest.raises(ResultsInvalid) as raised:
         validate(run)
     assert str(raised.value).startswith(problem)
+
+
+def test_best_compares_the_fastest_runs_and_the_lowest_latencies(tmp_path, capsys):
+    """Two of the candidate's three runs slowed by interference: its medians are far off, its best runs are not."""
+    p50 = "stages.inference.latency_ms.p50"
+    base = measured_run()
+    train, latency = base["stages"]["train"]["samples_per_s"], base["stages"]["inference"]["latency_ms"]["p50"]
+    baseline = repeated(base, {TRAIN: [train] * 3, p50: [latency] * 3})
+    candidate = repeated(measured_run(), {TRAIN: [train * 0.6, train * 0.6, train * 0.98],
+                                          p50: [latency * 2.5, latency * 1.01, latency * 2.4]})
+    medians = compare(baseline, candidate, {})
+    assert row(medians, TRAIN).candidate == pytest.approx(train * 0.6) and row(medians, TRAIN).verdict == WITHIN_SPREAD
+    # +140% at the median, past the candidate's spread of (2.5 - 1.01) / 2.4 = 62%.
+    assert row(medians, p50).candidate == pytest.approx(latency * 2.4) and row(medians, p50).verdict == REGRESSION
+    best = compare(baseline, candidate, {}, best=True)
+    assert row(best, TRAIN).candidate == pytest.approx(train * 0.98) and row(best, TRAIN).verdict == OK
+    assert row(best, p50).candidate == pytest.approx(latency * 1.01) and row(best, p50).verdict == OK
+    files = [write(tmp_path, "base", baseline), write(tmp_path, "cand", candidate)]
+    assert main([*files, "--best"]) == 0
+    assert "note: --best: each file's best repeated run is compared" in capsys.readouterr().out
+    # A real regression shows in every run, the best one too.
+    slower = repeated(measured_run(), {TRAIN: [train * 0.6, train * 0.62, train * 0.61], p50: [latency] * 3})
+    assert row(compare(baseline, slower, {}, best=True), TRAIN).verdict == REGRESSION
