@@ -7,8 +7,8 @@ Timing. Before any clock starts, each rank reads rows of its contiguous shard of
 ``val`` split into tensors once; every batch is then a slice of those tensors, so the
 latencies are the forward pass alone (the model's call on two tensors it already holds,
 to the logits), with no loader cost in them. A point (one
-batch size) is inference.warmup_batches untimed batches, then timed batches of
-distinct rows until inference.max_batches or inference.seconds_per_point is reached
+batch size) is inference.warmup_batches untimed batches, then timed batches (going
+round the rows again when they run out) until inference.max_batches or inference.seconds_per_point is reached
 (the batch that crosses the time budget still counts, so every point has at least
 one). Batches are full, unless the shard is shorter than one: then its rows are one
 short batch (samples/s counts the rows actually scored). The warm-up batches use the

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,12 @@ class EmbeddingTables(nn.Module):
         rows = (ids + self.offsets).flatten()
         lookup = F.embedding(rows, self.weight, sparse=True) if self.sparse else DenseGradLookup.apply(self.weight, rows)
         return lookup.view(*ids.shape, self.weight.shape[1])
+
+    def start(self, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """``forward`` in two halves, as ShardedEmbeddings has them (DLRM.forward runs its bottom MLP in
+        between): here the lookup is done at once and the function returned gives its result."""
+        looked_up = self(ids)
+        return lambda: looked_up
 
     def table(self, i: int) -> torch.Tensor:
         """The i-th table's rows (a view of the weight)."""
@@ -185,8 +192,8 @@ def interaction_size(num_sparse: int, dim: int) -> int:
 class DLRM(nn.Module):
     """``embeddings``: the module turning the batch's ids into [B, 26, d] (or blocks of it: see
     dot_interaction), in the order of the tables its ``tables`` lists; None = all tables here
-    (EmbeddingTables). Training passes dlrm.sharding.ShardedEmbeddings, whose ``start(ids)`` begins
-    the lookups and returns the function that finishes them."""
+    (EmbeddingTables). Training passes dlrm.sharding.ShardedEmbeddings. Both have ``start(ids)``, which
+    begins the lookups and returns the function that finishes them."""
 
     def __init__(self, vocab_sizes: list[int], cfg: ModelConfig, embeddings: nn.Module | None = None):
         super().__init__()
@@ -220,11 +227,7 @@ class DLRM(nn.Module):
 
     def forward(self, dense: torch.Tensor, ids) -> torch.Tensor:
         """dense float32 [B, 13], ids int64 [B, 26] (or what ``embeddings`` takes) -> click logits [B]."""
-        if isinstance(self.embeddings, EmbeddingTables):
-            x = self.bottom(dense)
-            embedded = self.embeddings(ids)
-        else:  # sharded tables (dlrm.sharding): their vectors travel between the ranks during the bottom MLP
-            finish = self.embeddings.start(ids)
-            x = self.bottom(dense)
-            embedded = finish()
+        finish = self.embeddings.start(ids)  # sharded tables' vectors travel between the ranks meanwhile
+        x = self.bottom(dense)
+        embedded = finish()
         return self.top(dot_interaction(x, embedded, self.embeddings.tables)).squeeze(1)

@@ -35,14 +35,17 @@ class SparseAdagrad(torch.optim.Optimizer):
     def step(self, closure: None = None) -> None:
         for group in self.param_groups:
             for param in group["params"]:
-                self.update(param)
+                self._update(param, group)
 
     @torch.no_grad()
     def update(self, param: torch.nn.Parameter) -> None:
         """``step`` for one of the parameters (dlrm.train updates a table as soon as its gradient is complete)."""
+        (group,) = [g for g in self.param_groups if any(p is param for p in g["params"])]
+        self._update(param, group)
+
+    def _update(self, param: torch.nn.Parameter, group: dict) -> None:
         if param.grad is None:
             return
-        (group,) = [g for g in self.param_groups if any(p is param for p in g["params"])]
         lr, eps, state = group["lr"], group["eps"], self.state[param]["sum"]
         if not param.grad.is_sparse:  # a small table's dense gradient: untouched rows have 0, stay put
             state.addcmul_(param.grad, param.grad)
