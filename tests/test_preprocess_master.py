@@ -84,7 +84,7 @@ def _standalone(tmp: Path, env: dict[str, str], procs: list[subprocess.Popen]) -
             with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=5) as page:
                 if json.load(page).get("aliveworkers", 0) >= 1:
                     return master
-        except OSError:
+        except (OSError, ValueError):  # not listening yet, or a page still empty while the master starts
             pass
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             logs = " | ".join((tmp / f"{n}.log").read_text()[-500:] for n in ("master", "worker"))
