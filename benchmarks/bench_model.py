@@ -19,7 +19,7 @@ from torch import nn
 
 from bench.config import NUM_DENSE, NUM_SPARSE, Config
 from dlrm import data, roofline
-from dlrm.model import DLRM, dot_interaction, interaction_size, mlp
+from dlrm.model import DLRM, dot_interaction, interaction_size, mlp, top_input_size
 from preprocess import synthetic
 from throughput import rates, record
 
@@ -126,14 +126,14 @@ def _step(optimizers: Iterable[torch.optim.Optimizer], loss: torch.Tensor) -> No
 
 def test_mlp_training_step(benchmark, small, batch, reference):
     """Bottom and top MLP (small profile sizes): forward, backward and Adam, as in training; the
-    top MLP's input beyond the bottom output stands in for the interaction's features."""
+    top MLP's input beyond the bottom output stands in for the interaction's features (and padding)."""
     cfg = small.model
     torch.manual_seed(0)
     mlps = nn.ModuleList([mlp(NUM_DENSE, cfg.bottom_mlp, relu_last=True),
-                          mlp(interaction_size(NUM_SPARSE, cfg.embedding_dim), cfg.top_mlp, relu_last=False)])
+                          mlp(top_input_size(NUM_SPARSE, cfg.embedding_dim), cfg.top_mlp, relu_last=False)])
     bottom, top = mlps
     optimizers = [torch.optim.Adam(mlps.parameters(), lr=small.train.dense_lr)]
-    pairs = torch.randn(BATCH, interaction_size(NUM_SPARSE, cfg.embedding_dim) - cfg.embedding_dim)
+    pairs = torch.randn(BATCH, top_input_size(NUM_SPARSE, cfg.embedding_dim) - cfg.embedding_dim)
     loss_fn = nn.BCEWithLogitsLoss()
 
     def step() -> None:

@@ -137,7 +137,8 @@ class InductorDLRM(nn.Module):
         x = self.model.bottom(dense)
         t = torch.cat([x.unsqueeze(1), self.model.embeddings(ids)], dim=1)
         pairs = (t[:, self.left] * t[:, self.right]).sum(dim=2)
-        return self.model.top(torch.cat([x, pairs], dim=1)).squeeze(1)
+        zeros = pairs.new_zeros(pairs.shape[0], self.model.top[0].in_features - x.shape[1] - pairs.shape[1])
+        return self.model.top(torch.cat([x, pairs, zeros], dim=1)).squeeze(1)
 
 
 class Compiled(nn.Module):

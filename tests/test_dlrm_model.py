@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.config import NUM_DENSE, NUM_SPARSE, ModelConfig
-from dlrm.model import DLRM, EmbeddingTables, dot_interaction, interaction_size
+from dlrm.model import DLRM, EmbeddingTables, dot_interaction, interaction_size, top_input_size
 
 CFG = ModelConfig(embedding_dim=4, bottom_mlp=[8, 4], top_mlp=[8, 1])
 VOCAB = [5 + c for c in range(NUM_SPARSE)]
@@ -37,6 +37,26 @@ def test_interaction_gradient_is_the_derivative():
     bottom = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     embedded = torch.randn(2, NUM_SPARSE, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(dot_interaction, (bottom, embedded))
+
+
+def test_interaction_padded_to_a_width_ends_in_zeros_with_the_same_gradient():
+    """The top MLP's input is padded to a multiple of 16 (415 -> 416 in the small profile): the
+    extra columns are zero and their upstream gradient reaches no input."""
+    torch.manual_seed(0)
+    bottom = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    embedded = torch.randn(3, NUM_SPARSE, 4, dtype=torch.float64, requires_grad=True)
+    size = interaction_size(NUM_SPARSE, 4)
+    assert (size, top_input_size(NUM_SPARSE, 4), top_input_size(NUM_SPARSE, 64)) == (355, 368, 416)
+    plain, padded = dot_interaction(bottom, embedded), dot_interaction(bottom, embedded, width=size + 13)
+    assert padded.shape == (3, size + 13)
+    torch.testing.assert_close(padded[:, :size], plain)
+    assert torch.count_nonzero(padded[:, size:]) == 0
+    grad = torch.randn(3, size + 13, dtype=torch.float64)
+    want = torch.autograd.grad(plain, (bottom, embedded), grad[:, :size])
+    for got, expected in zip(torch.autograd.grad(padded, (bottom, embedded), grad), want):
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="more than the width"):
+        dot_interaction(bottom, embedded, width=size - 1)
 
 
 def test_interaction_of_blocks_in_any_table_order():
@@ -78,8 +98,8 @@ def test_model_outputs_one_logit_per_row():
     dense, ids = batch()
     assert model(dense, ids).shape == (6,)
     assert model.embeddings.rows == VOCAB and model.embeddings.weight.shape == (sum(VOCAB), 4)
-    # The top MLP reads the bottom output plus 351 pairwise products.
-    assert model.top[0].in_features == 4 + 351
+    # The top MLP reads the bottom output plus 351 pairwise products, padded to a multiple of 16.
+    assert model.top[0].in_features == 368 == -(-(4 + 351) // 16) * 16
 
 
 def test_model_accepts_column_major_ids():
