@@ -223,7 +223,7 @@ def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | No
             launch.run(
                 place, cfg.train.ranks_per_node, "dlrm.train",
                 ["--config", str(run.dir / "config.json"), "--data", str(data), "--out", str(run.dir)],
-                run.logs / f"{log}.log", threads, on_progress, agent, run.mpi,
+                run.logs / f"{log}.log", threads, on_progress, agent, run.mpi, extra_env=launch.TRAINING_MALLOC,
             )
         out = read_json(run.dir / "train.json")
         rec.update(
@@ -233,7 +233,7 @@ def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | No
             resumed_from_step=out["resumed_from_step"], peak_rss_bytes=out["peak_rss_bytes"],
             auc_curve=out["auc_curve"], sharding=out["sharding"], loader=out["loader"],
             memory_estimate_bytes=out["memory_estimate_bytes"], phase_seconds=out["phase_seconds"],
-            ccl_environment=out["ccl_environment"],
+            ccl_environment=out["ccl_environment"], malloc_environment=launch.TRAINING_MALLOC,
         )
         rec["roofline_fraction"] = train_roofline_fraction(run, out["samples_per_s"], rec["precision"])
         for entry, pinned in zip(run.results["cluster"].get("placement", []), out["pinning"]):

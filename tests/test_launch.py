@@ -85,12 +85,14 @@ def test_ranks_get_rank_env_master_and_threads(tmp_path, mpi):
     assert seen == [{"step": 1, "steps": 2}]
 
 
-def test_serving_ranks_get_the_malloc_settings(tmp_path, mpi):
-    launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path)], tmp_path / "log", 1, mpi=mpi,
-               extra_env=launch.SERVING_MALLOC)
+@pytest.mark.parametrize("settings, huge_pages", [(launch.SERVING_MALLOC, True), (launch.TRAINING_MALLOC, False)])
+def test_ranks_get_the_malloc_settings(tmp_path, mpi, settings, huge_pages):
+    launch.run(ONE_NODE, 2, "tests.mpi_echo", [str(tmp_path)], tmp_path / "log", 1, mpi=mpi, extra_env=settings)
     tunables = {json.loads((tmp_path / f"rank{r}.json").read_text())["GLIBC_TUNABLES"] for r in (0, 1)}
-    assert tunables == {launch.SERVING_MALLOC["GLIBC_TUNABLES"]}
-    assert "glibc.malloc.hugetlb=1" in tunables.pop()
+    assert tunables == {settings["GLIBC_TUNABLES"]}
+    value = tunables.pop()
+    assert f"glibc.malloc.mmap_threshold={64 << 20}" in value
+    assert ("glibc.malloc.hugetlb=1" in value) == huge_pages
 
 
 def test_a_failing_rank_fails_the_launch_naming_the_log(tmp_path, mpi):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import schema
+from bench import launch, schema
 from bench.config import resolve
 
 from tests.engines import REPO, engine_processes, run_pipeline
@@ -73,7 +73,9 @@ def test_tiny_pipeline_ran_on_the_real_engines(tiny_run):
     assert r["software"]["ipex"]["used"] is False
     assert r["config"]["preprocess"]["engine"] == "raydp"
     assert r["stages"]["train"]["samples_per_s"] > 0 and r["stages"]["train"]["threads_per_rank"] == 1
+    assert r["stages"]["train"]["malloc_environment"] == launch.TRAINING_MALLOC
     inf = r["stages"]["inference"]
+    assert inf["malloc_environment"] == launch.SERVING_MALLOC
     assert inf["samples_per_s"] > 0 and 0 < inf["latency_ms"]["p50"] <= inf["latency_ms"]["p99"]
     assert r["machine"]["logical_cpus"] >= 1 and r["machine"]["memory_bytes"] > 0
     assert r["git"]["sha"] is None or len(r["git"]["sha"]) == 40
