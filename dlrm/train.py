@@ -314,18 +314,26 @@ def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, batches: Iterable[data.Batch]) -> tuple[np.ndarray, np.ndarray]:
-    """Click probabilities and labels for a stream of batches (in fp32, whatever the training precision)."""
+def predict(model: nn.Module, batches: Iterable[data.Batch], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Click probabilities and labels for a stream of batches of ``rows`` rows in all (in fp32,
+    whatever the training precision).
+
+    Written into arrays allocated up front: a small array kept per batch lands between the
+    batch's freed activations and fragments the heap (RSS grew ~0.5 MB per 1024-row batch,
+    +125-290 MB over the small profile's test split)."""
     was_training = model.training
     model.eval()
-    probs, labels = [], []
+    probs, labels = np.empty(rows, np.float32), np.empty(rows, np.float32)
+    done = 0
     for dense, ids, label in batches:
-        probs.append(torch.sigmoid(model(dense, ids)).numpy())
-        labels.append(label.numpy())
+        end = done + len(label)
+        torch.sigmoid(model(dense, ids), out=torch.from_numpy(probs[done:end]))
+        labels[done:end] = label.numpy()
+        done = end
     model.train(was_training)
-    if not probs:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return np.concatenate(probs), np.concatenate(labels)
+    if done != rows:
+        raise RuntimeError(f"predicted {done} rows, expected {rows}")
+    return probs, labels
 
 
 def click_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -347,7 +355,8 @@ def evaluate(rank: runner.Rank, model: nn.Module, test_data: ProcessedData, batc
     start = time.perf_counter()
     expected = len(test_data) if rows is None else min(rows, len(test_data))
     batches = data.eval_batches(test_data, batch_size, info.rank, info.world_size, rows, plan)
-    probs, labels = predict(model, batches)
+    shard_start, shard_stop = data.shard_range(expected, info.rank, info.world_size)
+    probs, labels = predict(model, batches, shard_stop - shard_start)
     gathered = dist.all_gather((probs, labels))  # shards arrive in rank order
     scores = None
     if rank.is_main:
