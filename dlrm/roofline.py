@@ -122,7 +122,9 @@ def flops_per_sample(cfg: ModelConfig, training: bool) -> float:
     Forward: the bottom MLP (13 -> cfg.bottom_mlp), the top MLP
     (d + 27*26/2 -> cfg.top_mlp), and the interaction's batched matmul T Tᵀ of a
     [27, d] by [d, 27] product, 2 * 27 * 27 * d. The embedding lookups are 0 flops:
-    they only move rows (memory-bound, outside a compute roofline).
+    they only move rows (memory-bound, outside a compute roofline). The zero columns
+    padding the top MLP's input (dlrm.model.top_input_size) are not counted either:
+    the run does that arithmetic, but it is not the model's.
 
     Training counts 3x forward: each matmul's forward plus the two backward GEMMs of
     the same size (gradient with respect to the input and to the weight). That
