@@ -121,7 +121,8 @@ def _layout(tables: tuple[int, ...]) -> _Layout:
 
 
 class DotInteraction(torch.autograd.Function):
-    """features = cat(x, tril(T Tᵀ, -1)) with T = cat(x, E), as one autograd node.
+    """features = cat(x, tril(T Tᵀ, -1), zeros) with T = cat(x, E), as one autograd node; the zero
+    columns fill the output to ``width`` (the top MLP's padded input, see top_input_size).
 
     Z = T Tᵀ is symmetric, so its gradient needs one batched matmul, not two:
     dT = S T with S = dZ + dZᵀ, dZ holding the incoming gradient at the pairs' positions
