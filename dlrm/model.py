@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.config import NUM_DENSE, ModelConfig
+from dlrm import interaction_kernel
+from dlrm.interaction_kernel import InteractionKernel
 
 
 def mlp(in_features: int, sizes: list[int], relu_last: bool) -> nn.Sequential:
@@ -113,6 +115,9 @@ class _Layout:
         symmetric[pairs] = torch.arange(len(pairs))
         symmetric[cols * self.features + rows] = torch.arange(len(pairs))
         self.symmetric = symmetric
+        # The same for dlrm.interaction_kernel: each pair's two vectors, and S's sources.
+        self.first, self.second = rows.to(torch.int32), cols.to(torch.int32)
+        self.symmetric32 = symmetric.to(torch.int32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -160,6 +165,25 @@ class DotInteraction(torch.autograd.Function):
         return None, None, grad[:, :dim] + grad_x.squeeze(1), *grad_embedded
 
 
+class FusedDotInteraction(torch.autograd.Function):
+    """DotInteraction's function computed by dlrm.interaction_kernel: the same features, forward
+    and backward, from the vectors where they lie (fp32 only)."""
+
+    @staticmethod
+    def forward(ctx, kernel: InteractionKernel, layout: _Layout, width: int, bottom: torch.Tensor,
+                *embedded: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(bottom, *embedded)
+        ctx.kernel, ctx.layout = kernel, layout
+        return kernel.forward(layout.first, layout.second, width, bottom, list(embedded))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        bottom, *embedded = ctx.saved_tensors
+        layout: _Layout = ctx.layout
+        grads = ctx.kernel.backward(layout.symmetric32, len(layout.pairs), grad, bottom, embedded)
+        return None, None, None, *grads
+
+
 def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[:, index]; a bf16 x is widened to fp32 first (fp32's index_select is ~3x faster than bf16's)."""
     return (x.float() if x.dtype == torch.bfloat16 else x).index_select(1, index)
@@ -175,18 +199,23 @@ def _pairs(tables: tuple[int, ...]) -> torch.Tensor:
 
 
 def dot_interaction(bottom: torch.Tensor, embedded: torch.Tensor | list[torch.Tensor],
-                    tables: list[int] | None = None, width: int | None = None) -> torch.Tensor:
+                    tables: list[int] | None = None, width: int | None = None,
+                    kernel: InteractionKernel | None = None) -> torch.Tensor:
     """bottom [B, d], embedded [B, 26, d] (or blocks [B, n_i, d] that together make it)
     -> [B, d + 27*26/2] (see the module docstring), or [B, width] ending in zero columns.
 
     ``tables``: which table each of embedded's vectors belongs to (None: vector t is table t's);
     the output's pairs are in table order either way, so no vectors need to be moved.
+    ``kernel``: computed by it (FusedDotInteraction) when the inputs are fp32 and not under bf16 autocast.
     """
     blocks = [embedded] if isinstance(embedded, torch.Tensor) else embedded
     order = tuple(range(sum(b.shape[1] for b in blocks)) if tables is None else tables)
     size = interaction_size(len(order), bottom.shape[1])
     if width is not None and width < size:
         raise ValueError(f"the interaction has {size} features, more than the width {width} asked for")
+    fused = kernel is not None and not torch.is_autocast_enabled("cpu")
+    if fused and all(map(interaction_kernel.usable, [bottom, *blocks])):
+        return FusedDotInteraction.apply(kernel, _layout(order), width or size, bottom, *blocks)
     return DotInteraction.apply(_layout(order), width or size, bottom, *blocks)
 
 
@@ -209,10 +238,13 @@ class DLRM(nn.Module):
     """``embeddings``: the module turning the batch's ids into [B, 26, d] (or blocks of it: see
     dot_interaction), in the order of the tables its ``tables`` lists; None = all tables here
     (EmbeddingTables). Training passes dlrm.sharding.ShardedEmbeddings. Both have ``start(ids)``, which
-    begins the lookups and returns the function that finishes them."""
+    begins the lookups and returns the function that finishes them. ``kernel``: the compiled
+    interaction (dlrm.interaction_kernel), used in fp32; None: PyTorch's."""
 
-    def __init__(self, vocab_sizes: list[int], cfg: ModelConfig, embeddings: nn.Module | None = None):
+    def __init__(self, vocab_sizes: list[int], cfg: ModelConfig, embeddings: nn.Module | None = None,
+                 kernel: InteractionKernel | None = None):
         super().__init__()
+        self.kernel = kernel
         dim = cfg.embedding_dim
         self.vocab_sizes = list(vocab_sizes)
         # The bottom output is one of the interacting vectors, so it ends in ReLU like the reference.
@@ -246,5 +278,5 @@ class DLRM(nn.Module):
         finish = self.embeddings.start(ids)  # sharded tables' vectors travel between the ranks meanwhile
         x = self.bottom(dense)
         embedded = finish()
-        features = dot_interaction(x, embedded, self.embeddings.tables, width=self.top[0].in_features)
+        features = dot_interaction(x, embedded, self.embeddings.tables, self.top[0].in_features, self.kernel)
         return self.top(features).squeeze(1)

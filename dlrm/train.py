@@ -57,7 +57,8 @@ from torch import nn
 
 from bench import config as bench_config
 from bench.fsutil import atomic_write_json
-from dlrm import data, dist, roofline, runner, sharding
+from dlrm import data, dist, interaction_kernel, roofline, runner, sharding
+from dlrm.interaction_kernel import InteractionKernel
 from dlrm.model import DLRM, EmbeddingTables
 from dlrm.optim import SparseAdagrad
 from dlrm.sharding import ShardedEmbeddings, ShardingPlan
@@ -72,12 +73,14 @@ PHASES = ("data", "forward", "backward", "gradient_sync", "optimizer")
 
 
 def build_model(vocab_sizes: list[int], cfg: bench_config.Config, plan: ShardingPlan | None = None,
-                rank: int = 0) -> tuple[DLRM, list[torch.optim.Optimizer], tuple[bool, str]]:
-    """The model (rank ``rank``'s share of it under ``plan``; None: all tables here) and its two
-    optimizers, [embeddings, MLPs] (see the module docstring), IPEX-optimised when usable."""
+                rank: int = 0, kernel: InteractionKernel | None = None
+                ) -> tuple[DLRM, list[torch.optim.Optimizer], tuple[bool, str]]:
+    """The model (rank ``rank``'s share of it under ``plan``; None: all tables here; ``kernel``: its
+    compiled interaction) and its two optimizers, [embeddings, MLPs] (see the module docstring),
+    IPEX-optimised when usable."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     embeddings = None if plan is None else ShardedEmbeddings(plan, rank, cfg.model.embedding_dim)
-    model = DLRM(vocab_sizes, cfg.model, embeddings)
+    model = DLRM(vocab_sizes, cfg.model, embeddings, kernel)
     ipex = dist.ipex_status()
     if ipex[0]:
         import intel_extension_for_pytorch  # only reached when the import is known to work
@@ -440,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     importlib.import_module("torch._dynamo")
     runtime_bytes = runner.peak_rss_bytes()
 
-    model, optimizers, ipex = build_model(vocab_sizes, cfg, plan, info.rank)
+    kernel, kernel_status = interaction_kernel.load()
+    model, optimizers, ipex = build_model(vocab_sizes, cfg, plan, info.rank, kernel)
     checkpoint = args.out / CHECKPOINT
     resume = None
     if args.resume or (cfg.train.resume and checkpoint.is_file()):
@@ -448,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         runner.log(rank, f"{PROG}: resuming from {checkpoint} at step {resume['step']}")
 
     runner.log(rank, f"{PROG}: {info.world_size} ranks ({info.launcher} launcher), backend {backend}, "
-                     f"{rank.pinning['threads']} threads/rank, ipex: {ipex[1]}, precision {precision}; "
+                     f"{rank.pinning['threads']} threads/rank, ipex: {ipex[1]}, precision {precision}, "
+                     f"interaction kernel: {kernel_status}; "
                      f"{len(train_data)} train rows, global batch {global_batch}, {cfg.train.epochs} epoch(s); "
                      f"tables: {len(plan.replicated)} replicated, "
                      f"{'/'.join(str(len(plan.owned(r))) for r in range(info.world_size))} sharded per rank")
@@ -485,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             "resumed_from_step": None if resume is None else resume["step"],
             "backend": backend,
             "ipex": {"used": ipex[0], "reason": ipex[1]},
+            # The compiled interaction runs in fp32 only (bf16 autocast keeps PyTorch's).
+            "interaction_kernel": {"used": kernel is not None and precision == "fp32", "reason": kernel_status},
             "world_size": info.world_size,
             "threads_per_rank": rank.pinning["threads"],
             "pinning": [r["pinning"] for r in per_rank],

@@ -1,0 +1,114 @@
+"""The compiled dot interaction: the same features and gradients as the PyTorch one, and its detection."""
+
+import shutil
+
+import pytest
+import torch
+
+from bench.config import NUM_SPARSE, ModelConfig
+from dlrm import interaction_kernel
+from dlrm.model import DLRM, dot_interaction, interaction_size, top_input_size
+
+COMPILER = shutil.which("cc") or shutil.which("gcc")
+needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C compiler (cc or gcc) here")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> interaction_kernel.InteractionKernel:
+    loaded, reason = interaction_kernel.load()
+    assert loaded is not None, reason
+    assert reason.startswith(f"compiled with {COMPILER}")
+    return loaded
+
+
+def sharded_inputs(batch: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """bottom and the 26 vectors in blocks out of table order, as the sharded tables deliver them."""
+    generator = torch.Generator().manual_seed(seed)
+    bottom = torch.randn(batch, dim, generator=generator, requires_grad=True)
+    order = torch.randperm(NUM_SPARSE, generator=generator).tolist()
+    blocks = [torch.randn(batch, n, dim, generator=generator, requires_grad=True) for n in (20, 3, 3)]
+    return bottom, blocks, order
+
+
+@needs_compiler
+@pytest.mark.parametrize("dim", [4, 16, 20, 64, 128])  # 4, 20: columns past the last 16-float vector
+def test_kernel_matches_the_pytorch_interaction(kernel, dim):
+    bottom, blocks, order = sharded_inputs(37, dim)
+    width = top_input_size(NUM_SPARSE, dim)
+    expected = dot_interaction(bottom, blocks, order, width)
+    result = dot_interaction(bottom, blocks, order, width, kernel)
+    assert result.grad_fn.name() == "FusedDotInteractionBackward"
+    torch.testing.assert_close(result, expected)
+    assert torch.count_nonzero(result[:, interaction_size(NUM_SPARSE, dim):]) == 0
+    grad = torch.randn(37, width)
+    for got, want in zip(torch.autograd.grad(result, [bottom, *blocks], grad),
+                         torch.autograd.grad(expected, [bottom, *blocks], grad)):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want)
+
+
+@needs_compiler
+def test_kernel_reads_strided_blocks_in_place_and_splits_the_batch_over_threads(kernel):
+    """Blocks that are views of one [B, 26, d] tensor are read where they lie; 2 threads give
+    exactly the 1-thread result (each thread takes whole rows)."""
+    embedded = torch.randn(9, NUM_SPARSE, 16)
+    bottom = torch.randn(9, 16)
+    blocks = [embedded[:, :11], embedded[:, 11:]]
+    assert all(map(interaction_kernel.usable, blocks)) and not blocks[0].is_contiguous()
+    expected = dot_interaction(bottom, embedded)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dot_interaction(bottom, blocks, width=expected.shape[1], kernel=kernel)
+        torch.set_num_threads(2)
+        two = dot_interaction(bottom, blocks, width=expected.shape[1], kernel=kernel)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(one, expected)
+    assert torch.equal(one, two)
+
+
+@needs_compiler
+def test_inputs_the_kernel_cannot_read_take_the_pytorch_path(kernel):
+    bottom, blocks, order = sharded_inputs(4, 8)
+    transposed = blocks[0].detach().transpose(1, 2).contiguous().transpose(1, 2)  # vectors not contiguous
+    assert not interaction_kernel.usable(transposed)
+    result = dot_interaction(bottom, [transposed, *blocks[1:]], order, kernel=kernel)
+    assert result.grad_fn.name() == "DotInteractionBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = dot_interaction(bottom, blocks, order, kernel=kernel)
+    assert low.grad_fn.name() == "DotInteractionBackward"
+    assert not interaction_kernel.usable(torch.zeros(4, 8, dtype=torch.float64))
+
+
+@needs_compiler
+def test_model_with_the_kernel_computes_the_same_logits_and_gradients(kernel):
+    cfg = ModelConfig(embedding_dim=16, bottom_mlp=[32, 16], top_mlp=[32, 1])
+    vocab = [7 + t for t in range(NUM_SPARSE)]
+    models = []
+    for k in (None, kernel):
+        torch.manual_seed(3)
+        models.append(DLRM(vocab, cfg, kernel=k))
+    dense = torch.rand(10, 13)
+    ids = torch.stack([torch.randint(0, size, (10,)) for size in vocab], dim=1)
+    logits = [model(dense, ids) for model in models]
+    torch.testing.assert_close(logits[1], logits[0])
+    for logit in logits:
+        logit.sum().backward()
+    for plain, fused in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(fused.grad.to_dense(), plain.grad.to_dense())
+
+
+def test_no_compiler_means_no_kernel_and_says_why(tmp_path):
+    missing = str(tmp_path / "no-such-cc")
+    assert interaction_kernel.load(missing) == (
+        None, f"no C compiler ({missing}) found: the PyTorch interaction is used")
+
+
+def test_a_failed_compilation_means_no_kernel_and_says_why(tmp_path):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: error: unsupported option' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    assert interaction_kernel.load(str(broken)) == (
+        None, f"{broken} could not compile interaction.c (cc: error: unsupported option): "
+              "the PyTorch interaction is used")
