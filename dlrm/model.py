@@ -167,7 +167,7 @@ class DotInteraction(torch.autograd.Function):
 
 class FusedDotInteraction(torch.autograd.Function):
     """DotInteraction's function computed by dlrm.interaction_kernel: the same features, forward
-    and backward, from the vectors where they lie (fp32 only)."""
+    and backward, from the vectors where they lie (in fp32)."""
 
     @staticmethod
     def forward(ctx, kernel: InteractionKernel, layout: _Layout, width: int, bottom: torch.Tensor,
@@ -206,16 +206,19 @@ def dot_interaction(bottom: torch.Tensor, embedded: torch.Tensor | list[torch.Te
 
     ``tables``: which table each of embedded's vectors belongs to (None: vector t is table t's);
     the output's pairs are in table order either way, so no vectors need to be moved.
-    ``kernel``: computed by it (FusedDotInteraction) when the inputs are fp32 and not under bf16 autocast.
+    ``kernel``: computed by it (FusedDotInteraction, in fp32 also under bf16 autocast) when it can
+    read the vectors in place (``interaction_kernel.usable``).
     """
     blocks = [embedded] if isinstance(embedded, torch.Tensor) else embedded
     order = tuple(range(sum(b.shape[1] for b in blocks)) if tables is None else tables)
     size = interaction_size(len(order), bottom.shape[1])
     if width is not None and width < size:
         raise ValueError(f"the interaction has {size} features, more than the width {width} asked for")
-    fused = kernel is not None and not torch.is_autocast_enabled("cpu")
-    if fused and all(map(interaction_kernel.usable, [bottom, *blocks])):
-        return FusedDotInteraction.apply(kernel, _layout(order), width or size, bottom, *blocks)
+    if kernel is not None:
+        # Under bf16 autocast the bottom MLP's output is bf16: the kernel's fp32 products are exact for it.
+        wide = bottom.float()
+        if all(map(interaction_kernel.usable, [wide, *blocks])):
+            return FusedDotInteraction.apply(kernel, _layout(order), width or size, wide, *blocks)
     return DotInteraction.apply(_layout(order), width or size, bottom, *blocks)
 
 
@@ -239,7 +242,7 @@ class DLRM(nn.Module):
     dot_interaction), in the order of the tables its ``tables`` lists; None = all tables here
     (EmbeddingTables). Training passes dlrm.sharding.ShardedEmbeddings. Both have ``start(ids)``, which
     begins the lookups and returns the function that finishes them. ``kernel``: the compiled
-    interaction (dlrm.interaction_kernel), used in fp32; None: PyTorch's."""
+    interaction (dlrm.interaction_kernel); None: PyTorch's."""
 
     def __init__(self, vocab_sizes: list[int], cfg: ModelConfig, embeddings: nn.Module | None = None,
                  kernel: InteractionKernel | None = None):

@@ -490,8 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "resumed_from_step": None if resume is None else resume["step"],
             "backend": backend,
             "ipex": {"used": ipex[0], "reason": ipex[1]},
-            # The compiled interaction runs in fp32 only (bf16 autocast keeps PyTorch's).
-            "interaction_kernel": {"used": kernel is not None and precision == "fp32", "reason": kernel_status},
+            "interaction_kernel": {"used": kernel is not None, "reason": kernel_status},
             "world_size": info.world_size,
             "threads_per_rank": rank.pinning["threads"],
             "pinning": [r["pinning"] for r in per_rank],

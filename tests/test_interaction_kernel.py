@@ -75,10 +75,20 @@ def test_inputs_the_kernel_cannot_read_take_the_pytorch_path(kernel):
     assert not interaction_kernel.usable(transposed)
     result = dot_interaction(bottom, [transposed, *blocks[1:]], order, kernel=kernel)
     assert result.grad_fn.name() == "DotInteractionBackward"
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = dot_interaction(bottom, blocks, order, kernel=kernel)
-    assert low.grad_fn.name() == "DotInteractionBackward"
     assert not interaction_kernel.usable(torch.zeros(4, 8, dtype=torch.float64))
+
+
+@needs_compiler
+def test_under_bf16_autocast_the_kernel_takes_the_bf16_bottom_in_fp32(kernel):
+    """In bf16 training the bottom MLP's output is bf16: the kernel widens it and computes in fp32."""
+    bottom, blocks, order = sharded_inputs(6, 16)
+    low = bottom.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = dot_interaction(low, blocks, order, kernel=kernel)
+    assert result.dtype == torch.float32 and result.grad_fn.name() == "FusedDotInteractionBackward"
+    torch.testing.assert_close(result, dot_interaction(low.float(), blocks, order))
+    result.sum().backward()
+    assert low.grad.dtype == torch.bfloat16 and torch.count_nonzero(low.grad) > 0
 
 
 @needs_compiler
