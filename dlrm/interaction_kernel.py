@@ -28,6 +28,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("interaction.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
+COMPILE_TIMEOUT = 120  # seconds; it takes ~0.3
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -51,7 +52,7 @@ class InteractionKernel:
     def forward(self, first: torch.Tensor, second: torch.Tensor, width: int, bottom: torch.Tensor,
                 blocks: list[torch.Tensor]) -> torch.Tensor:
         """[B, width]: bottom, then <T_first[p], T_second[p]> for each pair p (int32 positions in
-        T = cat(bottom, *blocks)), then zeros. Every input must be ``usable``."""
+        T = cat(bottom, *blocks)), then zeros. The inputs must be ``readable``."""
         batch, dim = bottom.shape
         out = bottom.new_empty(batch, width)
         base, stride = _vectors([bottom, *blocks])
@@ -81,6 +82,8 @@ class InteractionKernel:
             call(0, batch)
             return
         if self._pool_threads != threads:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="interaction")
             self._pool_threads = threads
         bounds = [batch * i // threads for i in range(threads + 1)]
@@ -88,9 +91,15 @@ class InteractionKernel:
             future.result()
 
 
-def usable(t: torch.Tensor) -> bool:
-    """Whether the kernel can read ``t`` ([B, d] or [B, n, d] float32) in place: each vector contiguous."""
-    return t.dtype == torch.float32 and t.stride(-1) == 1 and (t.dim() == 2 or t.stride(1) == t.shape[2])
+def readable(bottom: torch.Tensor, blocks: list[torch.Tensor]) -> bool:
+    """Whether the kernel can read these inputs in place: bottom [B, d] and blocks [B, n_i, d],
+    float32 on the CPU, each vector's d floats contiguous (the C code trusts the shapes)."""
+    if bottom.dim() != 2:
+        return False
+    batch, dim = bottom.shape
+    return all(t.device.type == "cpu" and t.layout == torch.strided and t.dtype == torch.float32
+               and t.stride(-1) == 1 for t in [bottom, *blocks]) \
+        and all(b.dim() == 3 and b.shape[0] == batch and b.shape[2] == dim and b.stride(1) == dim for b in blocks)
 
 
 def _vectors(tensors: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
@@ -111,10 +120,14 @@ def load(compiler: str | None = None) -> tuple[InteractionKernel | None, str]:
         return None, f"no C compiler ({compiler or 'cc or gcc'}) found: the PyTorch interaction is used"
     with tempfile.TemporaryDirectory(prefix="dlrm-interaction-") as tmp:
         library = Path(tmp) / "interaction.so"
-        done = subprocess.run([compiler, *FLAGS, "-o", str(library), str(SOURCE)], capture_output=True, text=True)
-        if done.returncode != 0:
-            first = (done.stderr.strip().splitlines() or ["no output"])[0]
-            return None, f"{compiler} could not compile {SOURCE.name} ({first}): the PyTorch interaction is used"
-        loaded = ctypes.CDLL(str(library))  # mapped: the file can go
+        try:
+            done = subprocess.run([compiler, *FLAGS, "-o", str(library), str(SOURCE)], capture_output=True,
+                                  text=True, timeout=COMPILE_TIMEOUT)
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["no output"])[0]
+                return None, f"{compiler} could not compile {SOURCE.name} ({first}): the PyTorch interaction is used"
+            loaded = ctypes.CDLL(str(library))  # mapped: the file can go
+        except (OSError, subprocess.TimeoutExpired) as err:  # e.g. a temporary directory mounted noexec
+            return None, f"the compiled interaction could not be built or loaded ({err}): the PyTorch interaction is used"
     description = f"compiled with {compiler} {' '.join(FLAGS[:3])}"
     return InteractionKernel(loaded, description), description

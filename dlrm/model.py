@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from bench.config import NUM_DENSE, ModelConfig
 from dlrm import interaction_kernel
@@ -177,6 +178,7 @@ class FusedDotInteraction(torch.autograd.Function):
         return kernel.forward(layout.first, layout.second, width, bottom, list(embedded))
 
     @staticmethod
+    @once_differentiable  # the kernel's gradient has no graph of its own
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         bottom, *embedded = ctx.saved_tensors
         layout: _Layout = ctx.layout
@@ -207,17 +209,19 @@ def dot_interaction(bottom: torch.Tensor, embedded: torch.Tensor | list[torch.Te
     ``tables``: which table each of embedded's vectors belongs to (None: vector t is table t's);
     the output's pairs are in table order either way, so no vectors need to be moved.
     ``kernel``: computed by it (FusedDotInteraction, in fp32 also under bf16 autocast) when it can
-    read the vectors in place (``interaction_kernel.usable``).
+    read the vectors in place (``interaction_kernel.readable``).
     """
     blocks = [embedded] if isinstance(embedded, torch.Tensor) else embedded
     order = tuple(range(sum(b.shape[1] for b in blocks)) if tables is None else tables)
     size = interaction_size(len(order), bottom.shape[1])
     if width is not None and width < size:
         raise ValueError(f"the interaction has {size} features, more than the width {width} asked for")
+    if len(order) != sum(b.shape[1] for b in blocks):
+        raise ValueError(f"{len(order)} tables named for {sum(b.shape[1] for b in blocks)} embedded vectors")
     if kernel is not None:
         # Under bf16 autocast the bottom MLP's output is bf16: the kernel's fp32 products are exact for it.
-        wide = bottom.float()
-        if all(map(interaction_kernel.usable, [wide, *blocks])):
+        wide = bottom.float() if bottom.dtype == torch.bfloat16 else bottom
+        if interaction_kernel.readable(wide, blocks):
             return FusedDotInteraction.apply(kernel, _layout(order), width or size, wide, *blocks)
     return DotInteraction.apply(_layout(order), width or size, bottom, *blocks)
 

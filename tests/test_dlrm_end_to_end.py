@@ -173,7 +173,7 @@ def test_training_learns_and_counts_every_row(trained):
     assert 0 < result["eval_seconds"] < trained["wall_seconds"]  # a duration, not a clock reading
     assert result["backend"] == "gloo" and result["ipex"]["used"] is False
     has_compiler = (shutil.which("cc") or shutil.which("gcc")) is not None
-    assert result["interaction_kernel"]["used"] == has_compiler  # fp32 with a compiler: the compiled one
+    assert result["interaction_kernel"]["used"] == has_compiler  # with a compiler: the compiled one
     assert result["threads_per_rank"] >= 1
     assert result["precision"] == "fp32" and result["early_stopped"] is False and result["resumed_from_step"] is None
     assert result["lr_schedule"] == {"dense_lr": cfg.train.dense_lr, "sparse_lr": cfg.train.sparse_lr,

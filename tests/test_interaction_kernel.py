@@ -48,34 +48,49 @@ def test_kernel_matches_the_pytorch_interaction(kernel, dim):
 
 
 @needs_compiler
-def test_kernel_reads_strided_blocks_in_place_and_splits_the_batch_over_threads(kernel):
-    """Blocks that are views of one [B, 26, d] tensor are read where they lie; 2 threads give
-    exactly the 1-thread result (each thread takes whole rows)."""
-    embedded = torch.randn(9, NUM_SPARSE, 16)
-    bottom = torch.randn(9, 16)
-    blocks = [embedded[:, :11], embedded[:, 11:]]
-    assert all(map(interaction_kernel.usable, blocks)) and not blocks[0].is_contiguous()
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_reads_strided_inputs_in_place_and_splits_the_batch_over_threads(kernel, threads):
+    """Blocks that are views of one [B, 26, d] tensor, and a bottom whose rows are further apart
+    than d, are read where they lie, forward and backward; with 2 threads each takes whole rows,
+    so the result is exactly the 1-thread one."""
+    torch.manual_seed(0)
+    embedded = torch.randn(9, NUM_SPARSE, 16, requires_grad=True)
+    wide = torch.randn(9, 24, requires_grad=True)
+    bottom, blocks = wide[:, 3:19], [embedded[:, :11], embedded[:, 11:]]
+    assert interaction_kernel.readable(bottom, blocks) and not blocks[0].is_contiguous()
     expected = dot_interaction(bottom, embedded)
+    grad = torch.randn(expected.shape)
+    want = torch.autograd.grad(expected, (wide, embedded), grad)
     previous = torch.get_num_threads()
     try:
+        torch.set_num_threads(threads)
+        result = dot_interaction(bottom, blocks, width=expected.shape[1], kernel=kernel)
+        got = torch.autograd.grad(result, (wide, embedded), grad)
         torch.set_num_threads(1)
-        one = dot_interaction(bottom, blocks, width=expected.shape[1], kernel=kernel)
-        torch.set_num_threads(2)
-        two = dot_interaction(bottom, blocks, width=expected.shape[1], kernel=kernel)
+        single = dot_interaction(bottom.detach(), [b.detach() for b in blocks], width=expected.shape[1], kernel=kernel)
     finally:
         torch.set_num_threads(previous)
-    torch.testing.assert_close(one, expected)
-    assert torch.equal(one, two)
+    assert result.grad_fn.name() == "FusedDotInteractionBackward"
+    torch.testing.assert_close(result, expected)
+    assert torch.equal(result, single)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 @needs_compiler
 def test_inputs_the_kernel_cannot_read_take_the_pytorch_path(kernel):
     bottom, blocks, order = sharded_inputs(4, 8)
     transposed = blocks[0].detach().transpose(1, 2).contiguous().transpose(1, 2)  # vectors not contiguous
-    assert not interaction_kernel.usable(transposed)
+    assert not interaction_kernel.readable(bottom, [transposed, *blocks[1:]])
     result = dot_interaction(bottom, [transposed, *blocks[1:]], order, kernel=kernel)
     assert result.grad_fn.name() == "DotInteractionBackward"
-    assert not interaction_kernel.usable(torch.zeros(4, 8, dtype=torch.float64))
+    assert not interaction_kernel.readable(bottom.double(), [b.double() for b in blocks])
+    assert not interaction_kernel.readable(bottom, [blocks[0][:3], *blocks[1:]])  # fewer rows than bottom
+    assert not interaction_kernel.readable(bottom, [blocks[0][:, :, :4], *blocks[1:]])  # shorter vectors
+    assert not interaction_kernel.readable(bottom, [blocks[0].detach().to_sparse()])
+    assert dot_interaction(bottom.double(), [b.double() for b in blocks], order, kernel=kernel).dtype == torch.float64
+    with pytest.raises(ValueError, match="25 tables named for 26 embedded vectors"):
+        dot_interaction(bottom, blocks, order[:-1], kernel=kernel)
 
 
 @needs_compiler
@@ -86,9 +101,14 @@ def test_under_bf16_autocast_the_kernel_takes_the_bf16_bottom_in_fp32(kernel):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = dot_interaction(low, blocks, order, kernel=kernel)
     assert result.dtype == torch.float32 and result.grad_fn.name() == "FusedDotInteractionBackward"
-    torch.testing.assert_close(result, dot_interaction(low.float(), blocks, order))
-    result.sum().backward()
-    assert low.grad.dtype == torch.bfloat16 and torch.count_nonzero(low.grad) > 0
+    widened = low.detach().float().requires_grad_()
+    expected = dot_interaction(widened, blocks, order)
+    torch.testing.assert_close(result, expected)
+    grad = torch.randn(result.shape)
+    (got,) = torch.autograd.grad(result, low, grad)
+    (want,) = torch.autograd.grad(expected, widened, grad)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.bfloat16())
 
 
 @needs_compiler
@@ -122,3 +142,15 @@ def test_a_failed_compilation_means_no_kernel_and_says_why(tmp_path):
     assert interaction_kernel.load(str(broken)) == (
         None, f"{broken} could not compile interaction.c (cc: error: unsupported option): "
               "the PyTorch interaction is used")
+
+
+def test_a_library_that_cannot_be_loaded_means_no_kernel_and_says_why(tmp_path):
+    """A compiler that 'succeeds' with something that is not a shared library (as a noexec temporary
+    directory would make any library unloadable): the PyTorch interaction, and the loader's error."""
+    fake = tmp_path / "cc"
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho "not a library" > "$2"\n')
+    fake.chmod(0o755)
+    kernel, reason = interaction_kernel.load(str(fake))
+    assert kernel is None
+    assert reason.startswith("the compiled interaction could not be built or loaded (")
+    assert reason.endswith("): the PyTorch interaction is used")
