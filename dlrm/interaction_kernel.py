@@ -37,8 +37,7 @@ class InteractionKernel:
     """The compiled kernel's two functions on tensors. Batches are split over torch's thread
     count, one slice per thread (ctypes releases the GIL during a call)."""
 
-    def __init__(self, library: ctypes.CDLL, description: str):
-        self.description = description
+    def __init__(self, library: ctypes.CDLL):
         self._forward, self._backward = library.interaction_forward, library.interaction_backward
         self._forward.argtypes = [_i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64]
         self._backward.argtypes = [_i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr]
@@ -129,5 +128,4 @@ def load(compiler: str | None = None) -> tuple[InteractionKernel | None, str]:
             loaded = ctypes.CDLL(str(library))  # mapped: the file can go
         except (OSError, subprocess.TimeoutExpired) as err:  # e.g. a temporary directory mounted noexec
             return None, f"the compiled interaction could not be built or loaded ({err}): the PyTorch interaction is used"
-    description = f"compiled with {compiler} {' '.join(FLAGS[:3])}"
-    return InteractionKernel(loaded, description), description
+    return InteractionKernel(loaded), f"compiled with {compiler} {' '.join(FLAGS[:3])}"

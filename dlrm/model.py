@@ -212,12 +212,13 @@ def dot_interaction(bottom: torch.Tensor, embedded: torch.Tensor | list[torch.Te
     read the vectors in place (``interaction_kernel.readable``).
     """
     blocks = [embedded] if isinstance(embedded, torch.Tensor) else embedded
-    order = tuple(range(sum(b.shape[1] for b in blocks)) if tables is None else tables)
+    vectors = sum(b.shape[1] for b in blocks)
+    order = tuple(range(vectors) if tables is None else tables)
+    if len(order) != vectors:
+        raise ValueError(f"{len(order)} tables named for {vectors} embedded vectors")
     size = interaction_size(len(order), bottom.shape[1])
     if width is not None and width < size:
         raise ValueError(f"the interaction has {size} features, more than the width {width} asked for")
-    if len(order) != sum(b.shape[1] for b in blocks):
-        raise ValueError(f"{len(order)} tables named for {sum(b.shape[1] for b in blocks)} embedded vectors")
     if kernel is not None:
         # Under bf16 autocast the bottom MLP's output is bf16: the kernel's fp32 products are exact for it.
         wide = bottom.float() if bottom.dtype == torch.bfloat16 else bottom
