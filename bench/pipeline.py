@@ -269,7 +269,7 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement, agent: Path 
             )
         out = read_json(run.dir / "inference.json")
         keys = ("samples_per_s", "latency_ms", "batch_size", "batches", "ranks", "sweep", "best", "variants",
-                "flops_per_sample", "compile")
+                "flops_per_sample", "compile", "interaction_kernel")
         rec.update({k: out[k] for k in keys})
         rec["malloc_environment"] = launch.SERVING_MALLOC
         # The fraction at the batch size that maximises throughput.

@@ -18,15 +18,21 @@ together, so the node's throughput is the sum of the ranks'; latency percentiles
 over all the ranks' batches. The fp32 model is timed at every size of
 inference.sweep_batch_sizes and at inference.batch_size (always a sweep point).
 
+Interaction. Run eagerly, the model computes its dot interaction with the compiled kernel
+(dlrm.interaction_kernel, as training does) when a C compiler is found; inference.json
+says whether it ran ("interaction_kernel"). At one thread per rank this eager model is the
+fastest here (batch 2048, small profile: 133k samples/s per core against Inductor's 118k;
+int8 207k against 161k), so the small profile runs two one-thread ranks eagerly.
+
 Compilation. With inference.compile, when torch.compile works here (TorchInductor needs a
-C++ compiler), every variant runs compiled (InductorDLRM): the same modules and weights, the GEMMs still
-MKL's, everything between them fused into a few loops (ReLUs, concatenations,
-lookup offsets), and the dot interaction as one such loop rather than a batched
-matmul of tiny 27 x d matrices, which MKL runs at a quarter of its GEMM rate (in the eager
-fp32 forward at batch 4096: a fifth of the time for a twelfth of the FLOPs). Compilation
-happens before any clock starts: once for batch 1, once for every other batch size (the
-batch dimension is symbolic). Otherwise, or with IPEX, the variants run eagerly;
-inference.json says which and why ("compile").
+C++ compiler), every variant runs compiled instead (InductorDLRM): the same modules and
+weights, the GEMMs still MKL's, everything between them fused into a few loops (ReLUs,
+concatenations, lookup offsets, the interaction's dot products). Its loops use all of a
+rank's threads, so it is the faster choice for one rank of several threads (2 threads,
+batch 2048: 216k samples/s against the eager model's 207k). Compilation happens before any
+clock starts: once for batch 1, once for every other batch size (the batch dimension is
+symbolic). Otherwise, or with IPEX, the variants run eagerly; inference.json says which
+and why ("compile").
 
 Variants (inference.variants, fp32 always among them):
   fp32  the checkpoint as trained;
@@ -47,7 +53,8 @@ Rank 0 writes RUN_DIR/inference.json; a "point" is {batch_size, samples_per_s (s
 ranks), latency_ms {p50, p99, mean}, batches and rows (over all ranks), ranks,
 threads_per_rank, per_rank_samples_per_s}:
     the fp32 point at inference.batch_size, spread at the top level
-    warmup_batches, seconds_per_point, ipex {used, reason}, compile {used, reason} (the fp32 sweep's)
+    warmup_batches, seconds_per_point, ipex {used, reason}, compile {used, reason} (the fp32 sweep's),
+                      interaction_kernel {used, reason}
     sweep             [point (+ roofline_fraction)] by batch size
     best              {batch_size, samples_per_s} of the fastest sweep point
     variants          {name: {auc, logloss, accuracy, samples_per_s, latency_ms, batches, compiled}}
@@ -72,8 +79,9 @@ from torch import nn
 from bench import config as bench_config
 from bench.config import InferenceConfig, ModelConfig
 from bench.fsutil import atomic_write_json
-from dlrm import data, dist, roofline, runner, train
+from dlrm import data, dist, interaction_kernel, roofline, runner, train
 from dlrm.data import Range
+from dlrm.interaction_kernel import InteractionKernel
 from dlrm.model import DLRM, _pairs
 from preprocess.layout import ProcessedData
 
@@ -82,9 +90,10 @@ PROG = "dlrm.inference"
 Inputs = tuple[torch.Tensor, torch.Tensor]  # dense [n, 13], ids [n, 26]: the rows timed batches slice
 
 
-def load_model(checkpoint: Path) -> DLRM:
+def load_model(checkpoint: Path, kernel: InteractionKernel | None = None) -> DLRM:
+    """The checkpoint's model in eval mode; ``kernel``: its eager forward's compiled interaction."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = DLRM(saved["vocab_sizes"], ModelConfig.model_validate(saved["model_config"]))
+    model = DLRM(saved["vocab_sizes"], ModelConfig.model_validate(saved["model_config"]), kernel=kernel)
     model.load_state_dict(saved["state_dict"])
     return model.eval()
 
@@ -324,17 +333,20 @@ def benchmark(rank: runner.Rank, model: DLRM, val: ProcessedData, inputs: Inputs
 
 
 def report(sweep: list[dict], variants: dict[str, dict], cfg: bench_config.Config, val_rows: int,
-           ipex: tuple[bool, str], gemm_gflops: float | None) -> dict:
-    """inference.json (see the module docstring)."""
+           ipex: tuple[bool, str], gemm_gflops: float | None, kernel: tuple[bool, str]) -> dict:
+    """inference.json (see the module docstring); ``kernel``: whether the interaction kernel loaded, and why (not)."""
     inf = cfg.inference
     best = max(sweep, key=lambda p: p["samples_per_s"])
     flops = roofline.flops_per_sample(cfg.model, training=False)
+    if kernel[0] and variants["fp32"]["compiled"]["used"]:
+        kernel = (False, "the variants ran compiled: TorchInductor computes the interaction")
     result = {
         **next(p for p in sweep if p["batch_size"] == inf.batch_size),
         "warmup_batches": inf.warmup_batches,
         "seconds_per_point": inf.seconds_per_point,
         "ipex": {"used": ipex[0], "reason": ipex[1]},
         "compile": variants["fp32"]["compiled"],
+        "interaction_kernel": {"used": kernel[0], "reason": kernel[1]},
         "sweep": sweep,
         "best": {"batch_size": best["batch_size"], "samples_per_s": best["samples_per_s"]},
         "variants": variants,
@@ -373,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     info = rank.info
     ipex = dist.ipex_status()
 
-    model = load_model(args.checkpoint)
+    kernel, kernel_status = interaction_kernel.load()
+    model = load_model(args.checkpoint, kernel)
     val = ProcessedData(args.data, "val")
     sizes = sorted({*inf.sweep_batch_sizes, inf.batch_size})
     shard = data.shard_range(len(val), info.rank, info.world_size)
@@ -382,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"batch sizes {sizes}, variants {inf.variants} at batch {inf.batch_size}")
     sweep, variants = benchmark(rank, model, val, inputs, sizes, inf, ipex[0])
     if rank.is_main:
-        result = report(sweep, variants, cfg, len(val), ipex, args.gemm_gflops)
+        result = report(sweep, variants, cfg, len(val), ipex, args.gemm_gflops, (kernel is not None, kernel_status))
         runner.log(rank, f"{PROG}: {result['samples_per_s']:.0f} samples/s at batch {inf.batch_size}; best "
                          f"{result['best']['samples_per_s']:.0f} samples/s at batch {result['best']['batch_size']}")
         atomic_write_json(args.out / "inference.json", result)

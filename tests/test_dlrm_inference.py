@@ -16,7 +16,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from bench.config import ConfigError, resolve
-from dlrm import data, dist, inference, roofline, runner, train
+from dlrm import data, dist, inference, interaction_kernel, roofline, runner, train
 from dlrm.inference import (Autocast, InductorDLRM, build_variant, compile_first, load_model, prepare,
                             timing_inputs)
 from preprocess.layout import ProcessedData
@@ -29,6 +29,8 @@ GEMM_GFLOPS = 50.0
 # TorchInductor compiles its kernels with the C++ compiler it finds (g++ by default on Linux);
 # without one dlrm.inference runs the variants eagerly.
 CAN_COMPILE = shutil.which("g++") is not None
+# The eager model's interaction kernel is compiled with cc or gcc (dlrm.interaction_kernel).
+HAS_CC = (shutil.which("cc") or shutil.which("gcc")) is not None
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,8 @@ def check_variants(result: dict, names: list[str], reference: dict, compile: boo
     assert list(variants) == names and result["val_rows"] == ROWS["val"]
     fp32 = variants["fp32"]
     assert fp32["auc"] > 0.75  # learnable data (Bayes AUC ~0.85): the comparison below means something
-    # The compiled forward sums in another order (logits within ~1e-6): at most a near-tie pair or two
+    # The compiled forward and the interaction kernel sum in another order than the reference's
+    # PyTorch model (logits within ~1e-6): at most a near-tie pair or two
     # may swap, 1 / (positives * negatives) ~ 5e-7 each; a row scored twice or not at all moves more.
     assert fp32["auc"] == pytest.approx(reference["auc"], abs=1e-6)
     assert fp32["logloss"] == pytest.approx(reference["logloss"], rel=1e-6)
@@ -111,9 +114,29 @@ def check_variants(result: dict, names: list[str], reference: dict, compile: boo
         else:
             assert variant["compiled"] == {"used": False, "reason": "inference.compile is false"}, name
     assert result["compile"] == fp32["compiled"]
+    if compile and CAN_COMPILE:
+        assert result["interaction_kernel"] == {
+            "used": False, "reason": "the variants ran compiled: TorchInductor computes the interaction"}
+    else:
+        assert result["interaction_kernel"]["used"] is HAS_CC, result["interaction_kernel"]
 
 
 # --- pieces, in-process -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_CC, reason="the interaction kernel needs a C compiler")
+@pytest.mark.parametrize("name", ["fp32", "bf16", "int8"])
+def test_the_eager_variants_with_the_interaction_kernel_give_pytorchs_logits(checkpoint, name):
+    kernel, status = interaction_kernel.load()
+    assert kernel is not None, status
+    reference = build_variant(load_model(checkpoint["model"]), name, use_ipex=False)
+    fused = build_variant(load_model(checkpoint["model"], kernel), name, use_ipex=False)
+    dense, ids = timing_inputs(ProcessedData(checkpoint["data"], "val"), (0, 3000), rows=700)
+    with torch.inference_mode():
+        expected, got = reference(dense, ids), fused(dense, ids)
+    assert got.shape == (700,) and got.dtype == torch.float32
+    # The same products summed in another order; bf16 also rounds the MLPs' inputs the same way in both.
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 if name == "fp32" else 2e-2)
+
 
 def test_int8_quantizes_the_linear_layers_and_shares_the_tables(checkpoint):
     model = load_model(checkpoint["model"])
