@@ -8,14 +8,87 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float vec __attribute__((vector_size(64))); /* 16 floats: one AVX-512 register (two AVX2 ones) */
+/* vec: one vector register of floats. The backward tile is TILE_ROWS x TILE_VECS accumulators
+ * (see gradient_tile): 24 of AVX-512's 32 registers, 12 of AVX's or SSE's 16 (more would spill). */
+#if defined(__AVX512F__)
 #define LANES 16
-#define ROWS 8 /* gradient rows accumulated at once: each vector loaded feeds ROWS multiply-adds */
+#define TILE_VECS 4
+#elif defined(__AVX__)
+#define LANES 8
+#define TILE_VECS 2
+#else
+#define LANES 4
+#define TILE_VECS 2
+#endif
+#define TILE_ROWS 6
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 
 static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
-/* out[p] = <row[first[p]], row[second[p]]> for every pair p. */
+/* Two-source lane shuffle: lane i of the result is lane (i-th index) of the 2 * LANES lanes of a then b. */
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (ivec){__VA_ARGS__})
+#endif
+
+/* Lane q of the result is the sum of v[q]'s lanes. A transposing tree: level h adds the lanes h
+ * apart of two vectors while interleaving them (x[i] for i mod 2h < h, else y[i - h]; plus the same
+ * h lanes on), so after log2(LANES) levels each lane holds one vector's sum: 2 * (LANES - 1) shuffles
+ * and LANES - 1 adds, where LANES separate horizontal sums take ~2 log2(LANES) dependent steps each. */
+static inline vec sum_lanes(const vec v[LANES]) {
+#if LANES == 16
+    vec w[8], z[4], u[2];
+    for (int m = 0; m < 8; m++)
+        w[m] = SHUFFLE(v[2 * m], v[2 * m + 1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+               SHUFFLE(v[2 * m], v[2 * m + 1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    for (int m = 0; m < 4; m++)
+        z[m] = SHUFFLE(w[2 * m], w[2 * m + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+               SHUFFLE(w[2 * m], w[2 * m + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    for (int m = 0; m < 2; m++)
+        u[m] = SHUFFLE(z[2 * m], z[2 * m + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+               SHUFFLE(z[2 * m], z[2 * m + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    return SHUFFLE(u[0], u[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUFFLE(u[0], u[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+#elif LANES == 8
+    vec w[4], z[2];
+    for (int m = 0; m < 4; m++)
+        w[m] = SHUFFLE(v[2 * m], v[2 * m + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               SHUFFLE(v[2 * m], v[2 * m + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int m = 0; m < 2; m++)
+        z[m] = SHUFFLE(w[2 * m], w[2 * m + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               SHUFFLE(w[2 * m], w[2 * m + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUFFLE(z[0], z[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(z[0], z[1], 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+    const vec w[2] = {SHUFFLE(v[0], v[1], 0, 4, 2, 6) + SHUFFLE(v[0], v[1], 1, 5, 3, 7),
+                      SHUFFLE(v[2], v[3], 0, 4, 2, 6) + SHUFFLE(v[2], v[3], 1, 5, 3, 7)};
+    return SHUFFLE(w[0], w[1], 0, 1, 4, 5) + SHUFFLE(w[0], w[1], 2, 3, 6, 7);
+#endif
+}
+
+/* out[p] = <row[first[p]], row[second[p]]> for every pair p: LANES pairs at a time, each pair's
+ * products summed lane-wise, then the LANES sums reduced together by sum_lanes (a last short group
+ * padded with zero sums); dim must be a multiple of LANES (see pair_dots). */
+static inline void pair_dots_blocked(int64_t dim, int64_t pairs, const float *const *row, const int32_t *first,
+                                     const int32_t *second, float *out) {
+    for (int64_t p = 0; p < pairs; p += LANES) {
+        const int64_t count = pairs - p < LANES ? pairs - p : LANES;
+        vec part[LANES] = {0};
+        for (int64_t q = 0; q < count; q++) {
+            const float *a = row[first[p + q]], *b = row[second[p + q]];
+            vec sum = load(a) * load(b);
+            for (int64_t k = LANES; k < dim; k += LANES) sum += load(a + k) * load(b + k);
+            part[q] = sum;
+        }
+        const vec sums = sum_lanes(part);
+        if (count == LANES) store(out + p, sums);
+        else memcpy(out + p, &sums, count * sizeof(float));
+    }
+}
+
+/* The same for any dim, one pair at a time. */
 static inline void pair_dots(int64_t dim, int64_t pairs, const float *const *row, const int32_t *first,
                              const int32_t *second, float *out) {
     for (int64_t p = 0; p < pairs; p++) {
@@ -38,23 +111,49 @@ void interaction_forward(int64_t start, int64_t stop, int64_t dim, int64_t featu
         float *o = out + b * width;
         memcpy(o, row[0], dim * sizeof(float));
         /* A constant dim lets the compiler unroll the dot products completely. */
-        if (dim == 64) pair_dots(64, pairs, row, first, second, o + dim);
-        else if (dim == 128) pair_dots(128, pairs, row, first, second, o + dim);
+        if (dim == 64) pair_dots_blocked(64, pairs, row, first, second, o + dim);
+        else if (dim == 128) pair_dots_blocked(128, pairs, row, first, second, o + dim);
+        else if (dim % LANES == 0) pair_dots_blocked(dim, pairs, row, first, second, o + dim);
         else pair_dots(dim, pairs, row, first, second, o + dim);
         memset(o + dim + pairs, 0, (width - dim - pairs) * sizeof(float));
     }
 }
 
-/* grad[f][k..k+LANES) = sum over o of S[f][o] * row[o][k..k+LANES) for the features f in
- * [first, first + count), count <= ROWS (S has zero rows past the features). */
-static inline void gradient_block(int64_t features, const float *const *row, const float *S, int64_t first,
-                                  int64_t count, int64_t k, float *const *grad_row) {
-    vec acc[ROWS] = {0};
+/* grad[f][k..k+vecs*LANES) = sum over o of S[f][o] * row[o][k..k+vecs*LANES) for the features f
+ * in [first, first + count), count <= rows (S has zero rows past the features). A rows x vecs tile
+ * of accumulators stays in registers: each vector loaded feeds `rows` multiply-adds and each S
+ * entry broadcast feeds `vecs`. Called with constant rows and vecs, so the loops unroll. */
+static inline __attribute__((always_inline)) void gradient_tile(int64_t features, const float *const *row,
+                                                                const float *S, int64_t first, int64_t count,
+                                                                int64_t k, float *const *grad_row, const int rows,
+                                                                const int vecs) {
+    vec acc[TILE_ROWS][TILE_VECS] = {{0}};
     for (int64_t o = 0; o < features; o++) {
-        const vec v = load(row[o] + k);
-        for (int64_t r = 0; r < ROWS; r++) acc[r] += S[(first + r) * features + o] * v;
+        vec v[TILE_VECS];
+        for (int j = 0; j < vecs; j++) v[j] = load(row[o] + k + j * LANES);
+        for (int r = 0; r < rows; r++) {
+            const float s = S[(first + r) * features + o];
+            for (int j = 0; j < vecs; j++) acc[r][j] += s * v[j];
+        }
     }
-    for (int64_t r = 0; r < count; r++) store(grad_row[first + r] + k, acc[r]);
+    for (int64_t r = 0; r < count; r++)
+        for (int j = 0; j < vecs; j++) store(grad_row[first + r] + k + j * LANES, acc[r][j]);
+}
+
+/* gradient_tile over all the features, for the columns [k, k + vecs * LANES) (vecs: 1 or TILE_VECS). */
+static inline void gradient_columns(int64_t features, const float *const *row, const float *S, int64_t k,
+                                    float *const *grad_row, int vecs) {
+    for (int64_t f = 0; f < features; f += TILE_ROWS) {
+        const int64_t count = features - f < TILE_ROWS ? features - f : TILE_ROWS;
+        /* A last group of at most half a tile runs a half tile (27 features: 4 x 6 + 3). */
+        if (vecs == TILE_VECS) {
+            if (count > TILE_ROWS / 2) gradient_tile(features, row, S, f, count, k, grad_row, TILE_ROWS, TILE_VECS);
+            else gradient_tile(features, row, S, f, count, k, grad_row, TILE_ROWS / 2, TILE_VECS);
+        } else {
+            if (count > TILE_ROWS / 2) gradient_tile(features, row, S, f, count, k, grad_row, TILE_ROWS, 1);
+            else gradient_tile(features, row, S, f, count, k, grad_row, TILE_ROWS / 2, 1);
+        }
+    }
 }
 
 /* The same for one column k, for the columns past the last multiple of LANES. */
@@ -76,7 +175,7 @@ void interaction_backward(int64_t start, int64_t stop, int64_t dim, int64_t feat
                           int64_t width, float *const *grad_base, const int64_t *grad_stride) {
     const float *row[features];
     float *grad_row[features];
-    const int64_t padded = (features + ROWS - 1) / ROWS * ROWS;
+    const int64_t padded = (features + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     float S[padded * features];
     memset(S, 0, sizeof S);
     float g[pairs + 1];
@@ -90,9 +189,8 @@ void interaction_backward(int64_t start, int64_t stop, int64_t dim, int64_t feat
         memcpy(g, go + dim, pairs * sizeof(float));
         for (int64_t i = 0; i < features * features; i++) S[i] = g[symmetric[i]];
         int64_t k = 0;
-        for (; k + LANES <= dim; k += LANES)
-            for (int64_t f = 0; f < features; f += ROWS)
-                gradient_block(features, row, S, f, features - f < ROWS ? features - f : ROWS, k, grad_row);
+        for (; k + TILE_VECS * LANES <= dim; k += TILE_VECS * LANES) gradient_columns(features, row, S, k, grad_row, TILE_VECS);
+        for (; k + LANES <= dim; k += LANES) gradient_columns(features, row, S, k, grad_row, 1);
         for (; k < dim; k++) gradient_column(features, row, S, k, grad_row);
         for (int64_t k = 0; k < dim; k++) grad_row[0][k] += go[k];
     }

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("interaction.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp-simd", "-shared", "-fPIC"]
 COMPILE_TIMEOUT = 120  # seconds; it takes ~0.3
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -112,15 +112,17 @@ def _vectors(tensors: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
     return (ctypes.c_void_p * len(base))(*base), (ctypes.c_int64 * len(stride))(*stride)
 
 
-def load(compiler: str | None = None) -> tuple[InteractionKernel | None, str]:
-    """The kernel compiled for this CPU, or None; and why (for the results)."""
+def load(compiler: str | None = None, march: str = "native") -> tuple[InteractionKernel | None, str]:
+    """The kernel compiled for this CPU (or the instruction set ``march`` names), or None; and why
+    (for the results). Its vector width follows the instruction set: AVX-512, AVX or SSE."""
     compiler = compiler or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or shutil.which(compiler) is None:
         return None, f"no C compiler ({compiler or 'cc or gcc'}) found: the PyTorch interaction is used"
+    flags = [FLAGS[0], f"-march={march}", *FLAGS[1:]]
     with tempfile.TemporaryDirectory(prefix="dlrm-interaction-") as tmp:
         library = Path(tmp) / "interaction.so"
         try:
-            done = subprocess.run([compiler, *FLAGS, "-o", str(library), str(SOURCE)], capture_output=True,
+            done = subprocess.run([compiler, *flags, "-o", str(library), str(SOURCE)], capture_output=True,
                                   text=True, timeout=COMPILE_TIMEOUT)
             if done.returncode != 0:
                 first = (done.stderr.strip().splitlines() or ["no output"])[0]
@@ -128,4 +130,4 @@ def load(compiler: str | None = None) -> tuple[InteractionKernel | None, str]:
             loaded = ctypes.CDLL(str(library))  # mapped: the file can go
         except (OSError, subprocess.TimeoutExpired) as err:  # e.g. a temporary directory mounted noexec
             return None, f"the compiled interaction could not be built or loaded ({err}): the PyTorch interaction is used"
-    return InteractionKernel(loaded), f"compiled with {compiler} {' '.join(FLAGS[:3])}"
+    return InteractionKernel(loaded), f"compiled with {compiler} {' '.join(flags[:3])}"

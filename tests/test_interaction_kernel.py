@@ -1,6 +1,8 @@
 """The compiled dot interaction: the same features and gradients as the PyTorch one, and its detection."""
 
+import platform
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +47,40 @@ def test_kernel_matches_the_pytorch_interaction(kernel, dim):
                          torch.autograd.grad(expected, [bottom, *blocks], grad)):
         assert got.is_contiguous()
         torch.testing.assert_close(got, want)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+# Each x86-64 level the kernel has a code path for (vectors of 4, 8 and 16 floats), and the flags it needs.
+LEVELS = {"x86-64": set(), "x86-64-v3": {"avx2", "fma"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512vl"}}
+
+
+@needs_compiler
+@pytest.mark.parametrize("march", sorted(LEVELS))
+def test_kernel_built_for_each_vector_width_matches_the_pytorch_interaction(march):
+    """-march=native picks one of the kernel's three widths; the other two are built here for an
+    older level of the instruction set, where this CPU runs them, and give the same results."""
+    if platform.machine() != "x86_64" or not LEVELS[march] <= cpu_flags():
+        pytest.skip(f"this CPU does not run {march} code")
+    kernel, reason = interaction_kernel.load(march=march)
+    assert kernel is not None, reason
+    assert f"-march={march}" in reason
+    for dim in (20, 64):  # 20: a vector of 16 (or 8, 4) columns, then single columns
+        bottom, blocks, order = sharded_inputs(37, dim)
+        width = top_input_size(NUM_SPARSE, dim)
+        expected = dot_interaction(bottom, blocks, order, width)
+        result = dot_interaction(bottom, blocks, order, width, kernel)
+        torch.testing.assert_close(result, expected)
+        grad = torch.randn(37, width)
+        for got, want in zip(torch.autograd.grad(result, [bottom, *blocks], grad),
+                             torch.autograd.grad(expected, [bottom, *blocks], grad)):
+            torch.testing.assert_close(got, want)
 
 
 @needs_compiler
