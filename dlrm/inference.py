@@ -53,8 +53,8 @@ Rank 0 writes RUN_DIR/inference.json; a "point" is {batch_size, samples_per_s (s
 ranks), latency_ms {p50, p99, mean}, batches and rows (over all ranks), ranks,
 threads_per_rank, per_rank_samples_per_s}:
     the fp32 point at inference.batch_size, spread at the top level
-    warmup_batches, seconds_per_point, ipex {used, reason}, compile {used, reason} (the fp32 sweep's),
-                      interaction_kernel {used, reason}
+    warmup_batches, seconds_per_point, ipex {used, reason}, compile {used, reason} and
+                      interaction_kernel {used, reason} (both the fp32 sweep's)
     sweep             [point (+ roofline_fraction)] by batch size
     best              {batch_size, samples_per_s} of the fastest sweep point
     variants          {name: {auc, logloss, accuracy, samples_per_s, latency_ms, batches, compiled}}
