@@ -12,10 +12,13 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from dlrm.shm import SharedMemoryAllReduce
 
 Importer = Callable[[str], object]
 
@@ -203,9 +206,11 @@ class GradientBuffer:
     place, so the buffer is zeroed (``zero``) instead of the gradients being set to None (an
     optimizer's zero_grad must not be called on these parameters). The ranks' gradients are
     summed, not averaged: each rank scales its loss to its share of the global loss.
+    ``shared_memory``: sum the buckets through it instead (dlrm.shm: ranks on one node), each
+    at once when complete.
     """
 
-    def __init__(self, buckets: list[list[torch.nn.Parameter]]):
+    def __init__(self, buckets: list[list[torch.nn.Parameter]], shared_memory: SharedMemoryAllReduce | None = None):
         buckets = [bucket for bucket in buckets if bucket]
         self.flat = torch.zeros(sum(p.numel() for bucket in buckets for p in bucket))
         self.slices: list[torch.Tensor] = []
@@ -218,8 +223,10 @@ class GradientBuffer:
             self.slices.append(self.flat[start:offset])
         self.sizes = [len(bucket) for bucket in buckets]
         self.parallel = dist.get_world_size() > 1
+        self.shared_memory = shared_memory
         self._awaited = list(self.sizes)  # gradients each bucket still waits for in this backward
-        self._works: list[dist.Work | None] = [None] * len(buckets)
+        self._started = [False] * len(buckets)
+        self._works: list[dist.Work] = []
         if self.parallel:
             for i, bucket in enumerate(buckets):
                 for param in bucket:
@@ -231,7 +238,11 @@ class GradientBuffer:
             self._start(bucket)
 
     def _start(self, bucket: int) -> None:
-        self._works[bucket] = dist.all_reduce(self.slices[bucket], async_op=True)  # a sum
+        self._started[bucket] = True
+        if self.shared_memory is not None:
+            self.shared_memory.all_reduce_(self.slices[bucket])  # done when it returns
+        else:
+            self._works.append(dist.all_reduce(self.slices[bucket], async_op=True))  # a sum
 
     def zero(self) -> None:
         self.flat.zero_()
@@ -242,9 +253,10 @@ class GradientBuffer:
         backward left incomplete, e.g. a layer without a gradient this step, is sent now)."""
         if not self.parallel:
             return
-        for bucket, work in enumerate(self._works):
-            if work is None:
+        for bucket, started in enumerate(self._started):
+            if not started:
                 self._start(bucket)
         for work in self._works:
             work.wait()
-        self._works = [None] * len(self._works)
+        self._started = [False] * len(self._started)
+        self._works = []

@@ -12,7 +12,10 @@ their gradients) with the other ranks in one all-to-all. Smaller tables are repl
 their gradients ride in the MLPs' buffer when dense, else one sparse all-reduce sums them.
 The collectives run while the rank computes: the all-to-all during the bottom MLP (forward)
 and the bottom MLP's backward, the top MLP's all-reduce during the rest of backward, the
-bottom MLP's while the owned tables are updated. Every rank builds the same initial model
+bottom MLP's while the owned tables are updated. When all ranks share one node (and the
+backend is gloo) the dense gradients are summed through shared memory instead (dlrm.shm,
+train.shared_memory_allreduce), each bucket at once when complete: 3-7x faster than gloo's
+sockets, whose threads also took the ranks' cores from the computation. Every rank builds the same initial model
 from the seed (each table from its own generator, wherever it lives).
 Rank 0 writes RUN_DIR/train.json and RUN_DIR/model.pt (the whole model, the sharded tables
 gathered from their owners, in the format dlrm.inference loads).
@@ -57,7 +60,7 @@ from torch import nn
 
 from bench import config as bench_config
 from bench.fsutil import atomic_write_json
-from dlrm import data, dist, interaction_kernel, roofline, runner, sharding
+from dlrm import data, dist, interaction_kernel, roofline, runner, sharding, shm
 from dlrm.interaction_kernel import InteractionKernel
 from dlrm.model import DLRM, EmbeddingTables
 from dlrm.optim import SparseAdagrad
@@ -95,13 +98,26 @@ def build_model(vocab_sizes: list[int], cfg: bench_config.Config, plan: Sharding
     return model, [sparse_opt, dense_opt], ipex
 
 
-def synchronised_gradients(model: DLRM) -> tuple[dist.GradientBuffer, list[torch.nn.Parameter]]:
-    """The buffer that sums the dense gradients over the ranks - the top MLP's as soon as backward is
-    past it, then the bottom MLP's with those of the tables with dense gradients - and the weights
-    with sparse gradients (ShardedEmbeddings.reduce_sparse_gradients sums those)."""
+def gradient_buckets(model: DLRM) -> tuple[list[list[torch.nn.Parameter]], list[torch.nn.Parameter]]:
+    """The dense gradients' all-reduce buckets - the top MLP's, summed as soon as backward is past
+    it, then the bottom MLP's with those of the tables with dense gradients - and the weights with
+    sparse gradients (ShardedEmbeddings.reduce_sparse_gradients sums those)."""
     tables = [m for m in model.modules() if isinstance(m, EmbeddingTables)]
     buckets = [list(model.top.parameters()), [*model.bottom.parameters(), *(m.weight for m in tables if not m.sparse)]]
-    return dist.GradientBuffer(buckets), [m.weight for m in tables if m.sparse]
+    return buckets, [m.weight for m in tables if m.sparse]
+
+
+def open_shared_memory(rank: runner.Rank, model: DLRM, cfg: bench_config.Config
+                       ) -> tuple[shm.SharedMemoryAllReduce | None, str]:
+    """The shared-memory all-reduce for the dense gradients when this job can use it (a collective),
+    and why (not)."""
+    largest = max(sum(p.numel() for p in bucket) for bucket in gradient_buckets(model)[0])
+    why_not = shm.unavailable(rank.info, rank.backend, largest) if cfg.train.shared_memory_allreduce \
+        else "train.shared_memory_allreduce is false"
+    if why_not is not None:
+        return None, f"{why_not}: the {rank.backend} backend sums the gradients"
+    group = shm.open_group(rank.info.rank, rank.info.world_size, largest)
+    return group, f"the {rank.info.world_size} ranks share this node: gradients summed in {shm.SHM_DIR}"
 
 
 def lr_scale(step: int, warmup_steps: int, decay_start_step: int, decay_steps: int) -> float:
@@ -211,13 +227,15 @@ def time_loader(train_data: ProcessedData, global_batch: int, rank: runner.Rank,
 
 def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer],
           train_data: ProcessedData, test_data: ProcessedData, cfg: bench_config.Config, precision: str,
-          checkpoint: Path, resume: dict | None = None, stop_after: int | None = None) -> dict | None:
+          checkpoint: Path, resume: dict | None = None, stop_after: int | None = None,
+          shared_memory: shm.SharedMemoryAllReduce | None = None) -> dict | None:
     """The training loop; returns throughput, the loss at the end, the AUC curve so far and the
     seconds spent in each phase of a step (PHASES; forward and backward include the waits for the
     all-to-alls, gradient_sync the waits for the all-reduces).
 
     ``resume``: what load_checkpoint returned. ``stop_after``: stop after that step
-    without a result (None is returned), as if the job had been killed there.
+    without a result (None is returned), as if the job had been killed there. ``shared_memory``:
+    the dense gradients' all-reduce (open_shared_memory); None: the backend's.
     """
     info, opts, global_batch = rank.info, cfg.train, cfg.train.batch_size
     steps = data.steps_per_epoch(len(train_data), global_batch) * opts.epochs
@@ -225,7 +243,8 @@ def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer
         raise ValueError(f"the train split has {len(train_data)} rows, fewer than one global batch "
                          f"of {global_batch}")
     tables: ShardedEmbeddings = model.embeddings
-    grads, sparse_weights = synchronised_gradients(model)
+    buckets, sparse_weights = gradient_buckets(model)
+    grads = dist.GradientBuffer(buckets, shared_memory)
     sparse_opt, dense_opt = optimizers
     base_lrs = [opts.sparse_lr, opts.dense_lr]  # build_model's optimizer order
     loss_fn = nn.BCEWithLogitsLoss()
@@ -457,9 +476,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{len(train_data)} train rows, global batch {global_batch}, {cfg.train.epochs} epoch(s); "
                      f"tables: {len(plan.replicated)} replicated, "
                      f"{'/'.join(str(len(plan.owned(r))) for r in range(info.world_size))} sharded per rank")
+    shared_memory, shared_memory_status = open_shared_memory(rank, model, cfg)
+    runner.log(rank, f"{PROG}: gradient all-reduce: {shared_memory_status}")
     loader = time_loader(train_data, global_batch, rank, plan, LOADER_BATCHES)
     result = train(rank, model, optimizers, train_data, test_data, cfg, precision, checkpoint, resume,
-                   args.stop_after_steps)
+                   args.stop_after_steps, shared_memory)
     if result is None:
         runner.log(rank, f"{PROG}: stopped after step {args.stop_after_steps} (--stop-after-steps)")
         return 0
@@ -491,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             "backend": backend,
             "ipex": {"used": ipex[0], "reason": ipex[1]},
             "interaction_kernel": {"used": kernel is not None, "reason": kernel_status},
+            "shared_memory_allreduce": {"used": shared_memory is not None, "reason": shared_memory_status},
             "world_size": info.world_size,
             "threads_per_rank": rank.pinning["threads"],
             "pinning": [r["pinning"] for r in per_rank],

@@ -10,6 +10,7 @@
 
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -105,13 +106,14 @@ def test_sharded_lookups_and_gradients_equal_the_whole_tables(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok", "rank2.ok"]
 
 
-def gradient_buffer_worker(out: str) -> None:
-    from dlrm import dist
+def gradient_buffer_worker(out: str, shared: bool) -> None:
+    from dlrm import dist, shm
 
     info = dist.launcher_env()
     dist.init(info, "gloo")
     params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(5))]
-    buffer = dist.GradientBuffer([[params[0]], [params[1], params[2]]])
+    group = shm.open_group(info.rank, info.world_size, capacity=9) if shared else None
+    buffer = dist.GradientBuffer([[params[0]], [params[1], params[2]]], group)
     for _ in range(2):  # zeroed between steps, accumulated into in place by backward
         buffer.zero()
         # params[2] gets no gradient: its bucket is never complete in backward, so wait() sends it.
@@ -126,10 +128,11 @@ def gradient_buffer_worker(out: str) -> None:
     dist.finish()
 
 
-def test_gradient_buffer_sums_over_the_ranks(tmp_path):
-    code = f"from tests.test_dlrm_end_to_end import gradient_buffer_worker; gradient_buffer_worker({str(tmp_path)!r})"
-    run(["-c", code], ranks=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]
+@pytest.mark.parametrize("shared", [False, True], ids=["gloo", "shared-memory"])
+def test_gradient_buffer_sums_over_the_ranks(tmp_path, shared):
+    code = f"from tests.test_dlrm_end_to_end import gradient_buffer_worker; gradient_buffer_worker({str(tmp_path)!r}, {shared})"
+    run(["-c", code], ranks=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok", "rank2.ok"]
 
 
 # --- training and inference -------------------------------------------------------------------------
@@ -174,6 +177,8 @@ def test_training_learns_and_counts_every_row(trained):
     assert result["backend"] == "gloo" and result["ipex"]["used"] is False
     has_compiler = (shutil.which("cc") or shutil.which("gcc")) is not None
     assert result["interaction_kernel"]["used"] == has_compiler  # with a compiler: the compiled one
+    # Both ranks on this node: the dense gradients are summed in shared memory (on x86-64).
+    assert result["shared_memory_allreduce"]["used"] is (platform.machine() == "x86_64"), result["shared_memory_allreduce"]
     assert result["threads_per_rank"] >= 1
     assert result["precision"] == "fp32" and result["early_stopped"] is False and result["resumed_from_step"] is None
     assert result["lr_schedule"] == {"dense_lr": cfg.train.dense_lr, "sparse_lr": cfg.train.sparse_lr,

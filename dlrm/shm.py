@@ -1,0 +1,135 @@
+"""A shared-memory all-reduce for ranks on one node: the dense gradients' sum without gloo's sockets.
+
+Gloo moves every byte through TCP on the loopback interface, and on CPU ranks of one core each its
+threads take that core from the computation. On the 2-core development machine a gloo all-reduce
+of the small profile's dense gradients (3.4 MB) took 3.3 ms (~2 ms of CPU), 1.4 MB 2.2 ms; through
+shared memory they take 0.8 and 0.3 ms: each rank copies its tensor into its slot of a shared
+file, raises its sequence number, waits for every other rank's, and sums the slots.
+
+Every rank sums the slots in rank order, so all get bit-identical results (the replicas of the
+MLPs must stay equal). Slots alternate between two halves from one call to the next: a rank
+writing call s's half has seen every rank's number reach s - 1, posted after that rank finished
+reading call s - 2's (the same half). The data are stored before the number and read after it;
+x86's memory model keeps both orders without fences, so this is used on x86-64 only.
+
+``open_group`` is collective. The file lives in /dev/shm only while the ranks map it: rank 0
+unlinks it as soon as all have, so a crash leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from dlrm.dist import RankInfo
+
+SHM_DIR = Path("/dev/shm")
+HEADER = 64  # bytes before the slots: one int64 sequence number per rank (at most 8 ranks)
+MAX_RANKS = HEADER // 8
+
+
+def file_bytes(world_size: int, capacity: int) -> int:
+    """The shared file's size for tensors of up to ``capacity`` floats."""
+    return HEADER + 2 * world_size * capacity * 4
+
+
+def unavailable(info: RankInfo, backend: str, capacity: int) -> str | None:
+    """Why this job cannot use the shared-memory all-reduce for tensors of up to ``capacity``
+    floats (None: it can)."""
+    if info.world_size == 1:
+        return "one rank: nothing to sum"
+    if backend != "gloo":
+        return f"the {backend} backend reduces on its own"
+    if info.local_size != info.world_size:
+        return "the ranks are on more than one node"
+    if info.world_size > MAX_RANKS:
+        return f"more than {MAX_RANKS} ranks"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"{platform.machine()} orders memory more weakly than x86-64"
+    if not (SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)):
+        return f"{SHM_DIR} is not a writable directory"
+    stat = os.statvfs(SHM_DIR)
+    free, needed = stat.f_bavail * stat.f_frsize, file_bytes(info.world_size, capacity)
+    if free < 2 * needed:  # (a container's /dev/shm is 64 MB by default)
+        return f"{SHM_DIR} has {free / 1e6:.0f} MB free, less than twice the {needed / 1e6:.0f} MB needed"
+    return None
+
+
+class SharedMemoryAllReduce:
+    """Sums float32 tensors of up to ``capacity`` elements over the ranks of the default process group."""
+
+    def __init__(self, buffer: mmap.mmap, rank: int, world_size: int, capacity: int, timeout_s: float):
+        self._buffer = buffer
+        self.rank, self.world_size, self.capacity, self.timeout_s = rank, world_size, capacity, timeout_s
+        self._sequence = torch.frombuffer(buffer, dtype=torch.int64, count=world_size)
+        self._slots = torch.frombuffer(buffer, dtype=torch.float32, count=2 * world_size * capacity,
+                                       offset=HEADER).view(2, world_size, capacity)
+        self._calls = 0
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        """``tensor`` (float32, contiguous) replaced by its sum over the ranks. Every rank must call this
+        with a tensor of the same size, in the same order of calls."""
+        n = tensor.numel()
+        if tensor.dtype != torch.float32 or not tensor.is_contiguous() or n > self.capacity:
+            raise ValueError(f"the shared-memory all-reduce takes contiguous float32 tensors of up to "
+                             f"{self.capacity} elements, got {tensor.dtype} {tuple(tensor.shape)}")
+        self._calls += 1
+        slots = self._slots[self._calls % 2, :, :n]
+        slots[self.rank].copy_(tensor.view(-1))
+        self._sequence[self.rank] = self._calls  # after the data (x86: stores stay in order)
+        self._wait_for_all()
+        flat = tensor.view(-1)
+        torch.add(slots[0], slots[1], out=flat)
+        for other in range(2, self.world_size):
+            flat.add_(slots[other])
+
+    def _wait_for_all(self) -> None:
+        deadline = None
+        while int(self._sequence.min()) < self._calls:
+            # Yield: on a one-core rank gloo's threads (the all-to-all in flight) need the core meanwhile.
+            os.sched_yield()
+            now = time.monotonic()
+            deadline = deadline or now + self.timeout_s
+            if now > deadline:
+                late = [r for r in range(self.world_size) if int(self._sequence[r]) < self._calls]
+                raise RuntimeError(f"rank {self.rank} waited {self.timeout_s:g} s for rank(s) {late} at "
+                                   f"shared-memory all-reduce {self._calls}: they stopped or hung")
+
+    def close(self) -> None:
+        del self._sequence, self._slots  # the views must go before the mapping can close
+        self._buffer.close()
+
+
+def open_group(rank: int, world_size: int, capacity: int, timeout_s: float = 1800.0) -> SharedMemoryAllReduce:
+    """Map one shared file on every rank (collective over the default process group)."""
+    size = file_bytes(world_size, capacity)
+    name = [None]
+    if rank == 0:
+        path = SHM_DIR / f"dlrm-allreduce-{uuid.uuid4().hex}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        name = [str(path)]
+        try:
+            # Zero-filled (every sequence number starts at 0), and allocated now: a full /dev/shm fails
+            # here with an error, not later with SIGBUS on a write to the mapping.
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    try:
+        torch_dist.broadcast_object_list(name, src=0)
+        fd = os.open(name[0], os.O_RDWR)
+        try:
+            buffer = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        torch_dist.barrier()  # every rank has mapped it
+    finally:
+        if rank == 0:
+            os.unlink(name[0])
+    return SharedMemoryAllReduce(buffer, rank, world_size, capacity, timeout_s)

@@ -1,0 +1,99 @@
+"""dlrm.shm: when the shared-memory all-reduce is used, and its sums on real mpiexec ranks."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dlrm import shm
+from dlrm.dist import RankInfo
+from tests.test_dlrm_end_to_end import run
+
+
+@pytest.mark.parametrize("info, backend, machine, reason", [
+    (RankInfo(0, 1, 0, 1), "gloo", "x86_64", "one rank: nothing to sum"),
+    (RankInfo(0, 2, 0, 2), "ccl", "x86_64", "the ccl backend reduces on its own"),
+    (RankInfo(0, 4, 0, 2), "gloo", "x86_64", "the ranks are on more than one node"),
+    (RankInfo(0, 9, 0, 9), "gloo", "x86_64", "more than 8 ranks"),
+    (RankInfo(0, 2, 0, 2), "gloo", "aarch64", "aarch64 orders memory more weakly than x86-64"),
+    (RankInfo(1, 2, 1, 2), "gloo", "x86_64", None),
+])
+def test_used_only_by_gloo_ranks_on_one_x86_node(monkeypatch, info, backend, machine, reason):
+    monkeypatch.setattr(shm.platform, "machine", lambda: machine)
+    assert shm.unavailable(info, backend, capacity=1000) == reason
+
+
+def test_not_used_without_a_writable_shared_memory_directory(monkeypatch, tmp_path):
+    monkeypatch.setattr(shm.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(shm, "SHM_DIR", tmp_path / "missing")
+    assert shm.unavailable(RankInfo(0, 2, 0, 2), "gloo", 1000) == f"{tmp_path / 'missing'} is not a writable directory"
+
+
+def test_not_used_when_shared_memory_is_short(monkeypatch):
+    monkeypatch.setattr(shm.platform, "machine", lambda: "x86_64")
+    free = shm.os.statvfs(shm.SHM_DIR)
+    floats = free.f_bavail * free.f_frsize // 16 + 1  # 2 ranks x 2 halves x 4 bytes: just over the free space
+    assert shm.unavailable(RankInfo(0, 2, 0, 2), "gloo", floats).startswith(f"{shm.SHM_DIR} has ")
+
+
+def sums_worker(out: str) -> None:
+    """On every rank: sums of tensors of several sizes over many calls (both halves, sizes up to the
+    capacity), every rank's result written out to be compared bit for bit."""
+    import torch
+
+    from dlrm import dist
+
+    info = dist.launcher_env()
+    dist.init(info, "gloo")
+    group = shm.open_group(info.rank, info.world_size, capacity=1000)
+    torch.distributed.barrier()  # rank 0 has returned from open_group too
+    leftovers = sorted(p.name for p in shm.SHM_DIR.glob("dlrm-allreduce-*"))
+    results = []
+    for call, size in enumerate([1000, 7, 1000, 1, 500]):
+        generator = torch.Generator().manual_seed(100 * call + info.rank)
+        mine = torch.randn(size, generator=generator)
+        every = [torch.randn(size, generator=torch.Generator().manual_seed(100 * call + r))
+                 for r in range(info.world_size)]
+        tensor = mine.clone()
+        group.all_reduce_(tensor)
+        torch.testing.assert_close(tensor, sum(every), rtol=0, atol=1e-5)
+        results.append(tensor.tolist())
+    with pytest.raises(ValueError, match="contiguous float32 tensors of up to 1000 elements"):
+        group.all_reduce_(torch.zeros(1001))
+    with pytest.raises(ValueError, match="contiguous float32 tensors"):
+        group.all_reduce_(torch.zeros(10, dtype=torch.float64))
+    group.close()
+    Path(out, f"rank{info.rank}.json").write_text(json.dumps({"results": results, "leftovers": leftovers}))
+    dist.finish()
+
+
+def test_ranks_get_the_same_exact_sums_and_leave_no_file(tmp_path):
+    before = set(shm.SHM_DIR.glob("dlrm-allreduce-*"))
+    run(["-c", f"from tests.test_shm import sums_worker; sums_worker({str(tmp_path)!r})"], ranks=3)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    assert ranks[0]["results"] == ranks[1]["results"] == ranks[2]["results"]  # bit-identical replicas
+    assert [len(r) for r in ranks[0]["results"]] == [1000, 7, 1000, 1, 500]
+    # Unlinked once every rank had mapped it: gone while the ranks still used it.
+    assert all(r["leftovers"] == sorted(p.name for p in before) for r in ranks)
+    assert set(shm.SHM_DIR.glob("dlrm-allreduce-*")) == before
+
+
+def absent_peer_worker(out: str) -> None:
+    """Rank 0 sums; rank 1 never does: rank 0 must give up after the timeout and say who it waited for."""
+    import torch
+
+    from dlrm import dist
+
+    info = dist.launcher_env()
+    dist.init(info, "gloo")
+    group = shm.open_group(info.rank, info.world_size, capacity=4, timeout_s=0.5)
+    if info.rank == 0:
+        with pytest.raises(RuntimeError, match=r"rank 0 waited 0.5 s for rank\(s\) \[1\] at shared-memory all-reduce 1"):
+            group.all_reduce_(torch.ones(4))
+        Path(out, "rank0.ok").touch()
+    dist.finish()
+
+
+def test_a_rank_that_never_arrives_times_out_with_its_number(tmp_path):
+    run(["-c", f"from tests.test_shm import absent_peer_worker; absent_peer_worker({str(tmp_path)!r})"], ranks=2)
+    assert (tmp_path / "rank0.ok").exists()
