@@ -132,9 +132,10 @@ class TrainConfig(_Section):
     shard_min_rows: int = Field(
         default=0, ge=0, description="tables of at least this many rows are sharded across the ranks (each on one "
                                      "rank, exchanged by all-to-all); smaller ones are replicated. 0 = replicate all")
-    shared_memory_allreduce: bool = Field(
-        default=True, description="sum the dense gradients through /dev/shm when all ranks share one node and the "
-                                  "backend is gloo (dlrm.shm: 3-7x faster than gloo's sockets); false: always gloo")
+    shared_memory: bool = Field(
+        default=True, description="sum the dense gradients and exchange the sharded tables' vectors through /dev/shm "
+                                  "when all ranks share one node and the backend is gloo (dlrm.shm: 3-7x faster than "
+                                  "gloo's sockets); false: always gloo")
 
     @model_validator(mode="after")
     def _warmup_before_decay(self) -> "TrainConfig":

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from dlrm.shm import SharedMemoryAllReduce
+    from dlrm.shm import SharedMemoryGroup
 
 Importer = Callable[[str], object]
 
@@ -210,7 +210,7 @@ class GradientBuffer:
     at once when complete.
     """
 
-    def __init__(self, buckets: list[list[torch.nn.Parameter]], shared_memory: SharedMemoryAllReduce | None = None):
+    def __init__(self, buckets: list[list[torch.nn.Parameter]], shared_memory: SharedMemoryGroup | None = None):
         buckets = [bucket for bucket in buckets if bucket]
         self.flat = torch.zeros(sum(p.numel() for bucket in buckets for p in bucket))
         self.slices: list[torch.Tensor] = []

@@ -34,6 +34,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from dlrm.model import EmbeddingTables
+from dlrm.shm import SharedMemoryGroup
 
 
 @dataclass(frozen=True)
@@ -112,17 +113,20 @@ class Exchange:
               rows); the rows of rank j's part (rows sum(b_<j) .. sum(b_<=j) of G) go to rank j.
     backward: the gradients travel back the same way: the blocks' gradients -> [G, k_me, d].
 
-    One all_to_all_single each way (gloo supports it on CPU, with uneven splits), each started
+    One all_to_all_single each way (gloo supports it on CPU, with uneven splits; or ``shared``, a
+    dlrm.shm group of the ranks on one node, used for nothing else), each started
     asynchronously by one autograd node and waited for by another (_Send, _Receive): ``start``
     sends, ``finish`` waits, and the work in between overlaps the exchange - the bottom MLP in
     forward; in backward, which runs the nodes in reverse order of creation, the bottom MLP's and
     the replicated tables' backward.
     """
 
-    def __init__(self, batch_sizes: tuple[int, ...], tables_per_rank: tuple[int, ...], rank: int):
-        self.batch_sizes, self.tables_per_rank, self.rank = batch_sizes, tables_per_rank, rank
+    def __init__(self, batch_sizes: tuple[int, ...], tables_per_rank: tuple[int, ...], rank: int,
+                 shared: SharedMemoryGroup | None = None):
+        self.batch_sizes, self.tables_per_rank, self.rank, self.shared = batch_sizes, tables_per_rank, rank, shared
         self.work: torch_dist.Work | None = None
         self.buffers: tuple[torch.Tensor, ...] = ()  # the tensors of the exchange in flight, kept alive
+        self.receive_sizes: list[int] = []
         self.dim = 0
 
     def start(self, looked_up: torch.Tensor) -> torch.Tensor:
@@ -144,12 +148,18 @@ class Exchange:
     def run(self, send: torch.Tensor, send_sizes: list[int], receive_sizes: list[int]) -> torch.Tensor:
         """Start one all-to-all of the flat ``send``; returns the flat tensor it fills."""
         received = send.new_empty(sum(receive_sizes))
-        self.buffers = (send, received)
-        self.work = torch_dist.all_to_all_single(received, send, receive_sizes, send_sizes, async_op=True)
+        self.buffers, self.receive_sizes = (send, received), receive_sizes
+        if self.shared is not None:
+            self.shared.all_to_all_start(send, send_sizes)
+        else:
+            self.work = torch_dist.all_to_all_single(received, send, receive_sizes, send_sizes, async_op=True)
         return received
 
     def wait(self) -> None:
-        self.work.wait()
+        if self.shared is not None:
+            self.shared.all_to_all_finish(self.buffers[1], self.receive_sizes)
+        else:
+            self.work.wait()
         self.work, self.buffers = None, ()
 
 
@@ -206,6 +216,11 @@ class ShardedEmbeddings(nn.Module):
         self.local = EmbeddingTables(plan.owned(rank), [sizes[t] for t in plan.owned(rank)], dim)
         self.tables_per_rank = tuple(len(plan.owned(r)) for r in range(plan.world_size))
         self.tables = plan.concatenated()  # which table each output vector belongs to
+        self.shared: SharedMemoryGroup | None = None
+
+    def exchange_through(self, shared: SharedMemoryGroup) -> None:
+        """Exchange the vectors through ``shared`` (a dlrm.shm group for this alone), not the backend."""
+        self.shared = shared
 
     def reset_parameters(self, seeds: list[int]) -> None:
         self.replicated.reset_parameters(seeds)
@@ -225,7 +240,7 @@ class ShardedEmbeddings(nn.Module):
         if self.plan.world_size == 1:
             parts = [self.replicated(ids.replicated), looked_up]
             return lambda: parts
-        exchange = Exchange(ids.batch_sizes, self.tables_per_rank, self.rank)
+        exchange = Exchange(ids.batch_sizes, self.tables_per_rank, self.rank, self.shared)
         received = exchange.start(looked_up)
         replicated = self.replicated(ids.replicated)  # while the vectors travel
         return lambda: [replicated, *exchange.finish(received)]

@@ -1,15 +1,19 @@
-"""A shared-memory all-reduce for ranks on one node: the dense gradients' sum without gloo's sockets.
+"""Shared-memory collectives for ranks on one node: gloo's all-reduce and all-to-all without its sockets.
 
 Gloo moves every byte through TCP on the loopback interface, and on CPU ranks of one core each its
 threads take that core from the computation. On the 2-core development machine a gloo all-reduce
 of the small profile's dense gradients (3.4 MB) took 3.3 ms (~2 ms of CPU), 1.4 MB 2.2 ms; through
-shared memory they take 0.8 and 0.3 ms: each rank copies its tensor into its slot of a shared
-file, raises its sequence number, waits for every other rank's, and sums the slots.
+shared memory they take 0.8 and 0.3 ms. Each rank copies its tensor into its slot of a shared file
+and raises its sequence number; once every rank's number has reached the call's, an all-reduce sums
+the slots, an all-to-all copies out this rank's segment of every slot (each sender also stores its
+split sizes, so the splits may be uneven, as gloo's all_to_all_single allows).
 
 Every rank sums the slots in rank order, so all get bit-identical results (the replicas of the
 MLPs must stay equal). Slots alternate between two halves from one call to the next: a rank
 writing call s's half has seen every rank's number reach s - 1, posted after that rank finished
-reading call s - 2's (the same half). The data are stored before the number and read after it;
+reading call s - 2's (the same half) - provided each rank finishes a call before it starts the
+next on the same group (an all-to-all started and finished around other work counts as one call:
+use one group per stream of calls). The data are stored before the number and read after it;
 x86's memory model keeps both orders without fences, so this is used on x86-64 only.
 
 ``open_group`` is collective. The file lives in /dev/shm only while the ranks map it: rank 0
@@ -31,8 +35,10 @@ import torch.distributed as torch_dist
 from dlrm.dist import RankInfo
 
 SHM_DIR = Path("/dev/shm")
-HEADER = 64  # bytes before the slots: one int64 sequence number per rank (at most 8 ranks)
-MAX_RANKS = HEADER // 8
+MAX_RANKS = 8
+# Before the slots: one int64 sequence number per rank, then each half's split sizes (rank x rank int64s).
+SPLITS = 8 * MAX_RANKS
+HEADER = SPLITS + 2 * MAX_RANKS * MAX_RANKS * 8
 
 
 def file_bytes(world_size: int, capacity: int) -> int:
@@ -62,13 +68,16 @@ def unavailable(info: RankInfo, backend: str, capacity: int) -> str | None:
     return None
 
 
-class SharedMemoryAllReduce:
-    """Sums float32 tensors of up to ``capacity`` elements over the ranks of the default process group."""
+class SharedMemoryGroup:
+    """All-reduce (a sum) and all-to-all of float32 tensors of up to ``capacity`` elements per rank
+    over the ranks of the default process group."""
 
     def __init__(self, buffer: mmap.mmap, rank: int, world_size: int, capacity: int, timeout_s: float):
         self._buffer = buffer
         self.rank, self.world_size, self.capacity, self.timeout_s = rank, world_size, capacity, timeout_s
         self._sequence = torch.frombuffer(buffer, dtype=torch.int64, count=world_size)
+        self._splits = torch.frombuffer(buffer, dtype=torch.int64, count=2 * MAX_RANKS * MAX_RANKS,
+                                        offset=SPLITS).view(2, MAX_RANKS, MAX_RANKS)[:, :world_size, :world_size]
         self._slots = torch.frombuffer(buffer, dtype=torch.float32, count=2 * world_size * capacity,
                                        offset=HEADER).view(2, world_size, capacity)
         self._calls = 0
@@ -76,43 +85,74 @@ class SharedMemoryAllReduce:
     def all_reduce_(self, tensor: torch.Tensor) -> None:
         """``tensor`` (float32, contiguous) replaced by its sum over the ranks. Every rank must call this
         with a tensor of the same size, in the same order of calls."""
-        n = tensor.numel()
-        if tensor.dtype != torch.float32 or not tensor.is_contiguous() or n > self.capacity:
-            raise ValueError(f"the shared-memory all-reduce takes contiguous float32 tensors of up to "
-                             f"{self.capacity} elements, got {tensor.dtype} {tuple(tensor.shape)}")
-        self._calls += 1
-        slots = self._slots[self._calls % 2, :, :n]
-        slots[self.rank].copy_(tensor.view(-1))
-        self._sequence[self.rank] = self._calls  # after the data (x86: stores stay in order)
+        slots = self._post(tensor)[:, :tensor.numel()]
         self._wait_for_all()
         flat = tensor.view(-1)
         torch.add(slots[0], slots[1], out=flat)
         for other in range(2, self.world_size):
             flat.add_(slots[other])
 
+    def all_to_all_start(self, send: torch.Tensor, send_sizes: list[int]) -> None:
+        """Offer ``send`` (float32, contiguous): its first send_sizes[0] elements for rank 0, the next
+        send_sizes[1] for rank 1, ... Returns at once; ``all_to_all_finish`` receives."""
+        if len(send_sizes) != self.world_size or sum(send_sizes) != send.numel():
+            raise ValueError(f"split sizes {send_sizes} do not cut {send.numel()} elements for {self.world_size} ranks")
+        self._post(send, send_sizes)
+
+    def all_to_all_finish(self, received: torch.Tensor, receive_sizes: list[int]) -> None:
+        """Fill ``received`` (contiguous) with every rank's segment for this rank, in rank order, of the
+        call ``all_to_all_start`` began; receive_sizes[j]: the elements rank j sends here."""
+        self._wait_for_all()
+        half = self._calls % 2
+        splits = self._splits[half].tolist()
+        expected = [row[self.rank] for row in splits]
+        if expected != list(receive_sizes):
+            raise ValueError(f"rank {self.rank} expected {list(receive_sizes)} elements from the ranks, they sent {expected}")
+        out = received.view(-1)
+        offset = 0
+        for sender, row in enumerate(splits):
+            start = sum(row[:self.rank])
+            out[offset:offset + row[self.rank]].copy_(self._slots[half, sender, start:start + row[self.rank]])
+            offset += row[self.rank]
+
+    def _post(self, tensor: torch.Tensor, splits: list[int] | None = None) -> torch.Tensor:
+        """Copy ``tensor`` (and an all-to-all's ``splits``) into this rank's slot of the next call's half,
+        then raise the sequence number; returns that half's slots."""
+        n = tensor.numel()
+        if tensor.dtype != torch.float32 or not tensor.is_contiguous() or n > self.capacity:
+            raise ValueError(f"shared-memory collectives take contiguous float32 tensors of up to "
+                             f"{self.capacity} elements, got {tensor.dtype} {tuple(tensor.shape)}")
+        self._calls += 1
+        half = self._calls % 2
+        self._slots[half, self.rank, :n].copy_(tensor.view(-1))
+        if splits is not None:
+            self._splits[half, self.rank] = torch.tensor(splits)
+        self._sequence[self.rank] = self._calls  # after the data (x86: stores stay in order)
+        return self._slots[half]
+
     def _wait_for_all(self) -> None:
         deadline = None
         while int(self._sequence.min()) < self._calls:
-            # Yield: on a one-core rank gloo's threads (the all-to-all in flight) need the core meanwhile.
+            # Yield: on a one-core rank gloo's threads (a collective in flight) need the core meanwhile.
             os.sched_yield()
             now = time.monotonic()
             deadline = deadline or now + self.timeout_s
             if now > deadline:
                 late = [r for r in range(self.world_size) if int(self._sequence[r]) < self._calls]
                 raise RuntimeError(f"rank {self.rank} waited {self.timeout_s:g} s for rank(s) {late} at "
-                                   f"shared-memory all-reduce {self._calls}: they stopped or hung")
+                                   f"shared-memory collective {self._calls}: they stopped or hung")
 
     def close(self) -> None:
-        del self._sequence, self._slots  # the views must go before the mapping can close
+        del self._sequence, self._splits, self._slots  # the views must go before the mapping can close
         self._buffer.close()
 
 
-def open_group(rank: int, world_size: int, capacity: int, timeout_s: float = 1800.0) -> SharedMemoryAllReduce:
+def open_group(rank: int, world_size: int, capacity: int, timeout_s: float = 1800.0) -> SharedMemoryGroup:
     """Map one shared file on every rank (collective over the default process group)."""
     size = file_bytes(world_size, capacity)
     name = [None]
     if rank == 0:
-        path = SHM_DIR / f"dlrm-allreduce-{uuid.uuid4().hex}"
+        path = SHM_DIR / f"dlrm-shm-{uuid.uuid4().hex}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         name = [str(path)]
         try:
@@ -132,4 +172,4 @@ def open_group(rank: int, world_size: int, capacity: int, timeout_s: float = 180
     finally:
         if rank == 0:
             os.unlink(name[0])
-    return SharedMemoryAllReduce(buffer, rank, world_size, capacity, timeout_s)
+    return SharedMemoryGroup(buffer, rank, world_size, capacity, timeout_s)

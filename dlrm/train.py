@@ -13,9 +13,10 @@ their gradients ride in the MLPs' buffer when dense, else one sparse all-reduce 
 The collectives run while the rank computes: the all-to-all during the bottom MLP (forward)
 and the bottom MLP's backward, the top MLP's all-reduce during the rest of backward, the
 bottom MLP's while the owned tables are updated. When all ranks share one node (and the
-backend is gloo) the dense gradients are summed through shared memory instead (dlrm.shm,
-train.shared_memory_allreduce), each bucket at once when complete: 3-7x faster than gloo's
-sockets, whose threads also took the ranks' cores from the computation. Every rank builds the same initial model
+backend is gloo) both go through shared memory instead (dlrm.shm, train.shared_memory): the
+dense gradients' buckets are summed at once when complete, the exchange still overlaps the
+bottom MLP. 3-7x faster than gloo's sockets, whose threads also took the ranks' cores from
+the computation. Every rank builds the same initial model
 from the seed (each table from its own generator, wherever it lives).
 Rank 0 writes RUN_DIR/train.json and RUN_DIR/model.pt (the whole model, the sharded tables
 gathered from their owners, in the format dlrm.inference loads).
@@ -108,16 +109,24 @@ def gradient_buckets(model: DLRM) -> tuple[list[list[torch.nn.Parameter]], list[
 
 
 def open_shared_memory(rank: runner.Rank, model: DLRM, cfg: bench_config.Config
-                       ) -> tuple[shm.SharedMemoryAllReduce | None, str]:
-    """The shared-memory all-reduce for the dense gradients when this job can use it (a collective),
-    and why (not)."""
-    largest = max(sum(p.numel() for p in bucket) for bucket in gradient_buckets(model)[0])
-    why_not = shm.unavailable(rank.info, rank.backend, largest) if cfg.train.shared_memory_allreduce \
-        else "train.shared_memory_allreduce is false"
+                       ) -> tuple[shm.SharedMemoryGroup | None, str]:
+    """When this job can use them (a collective): the shared-memory group that sums the dense
+    gradients, and the one the sharded tables' exchange then goes through; and why (not)."""
+    dim, world = cfg.model.embedding_dim, rank.info.world_size
+    gradients = max(sum(p.numel() for p in bucket) for bucket in gradient_buckets(model)[0])
+    tables: ShardedEmbeddings = model.embeddings
+    # The most an exchange sends from one rank: every row of a global (training or evaluation) batch,
+    # of all the sharded tables (forward: those it owns; backward: its rows of everybody's).
+    sharded = sum(tables.tables_per_rank)
+    exchange = max(cfg.train.batch_size, cfg.train.eval_batch_size * world) * sharded * dim
+    why_not = shm.unavailable(rank.info, rank.backend, gradients + exchange) if cfg.train.shared_memory \
+        else "train.shared_memory is false"
     if why_not is not None:
-        return None, f"{why_not}: the {rank.backend} backend sums the gradients"
-    group = shm.open_group(rank.info.rank, rank.info.world_size, largest)
-    return group, f"the {rank.info.world_size} ranks share this node: gradients summed in {shm.SHM_DIR}"
+        return None, f"{why_not}: the {rank.backend} backend sums the gradients and exchanges the vectors"
+    group = shm.open_group(rank.info.rank, world, gradients)
+    if sharded:
+        tables.exchange_through(shm.open_group(rank.info.rank, world, exchange))
+    return group, f"the {world} ranks share this node: gradients summed and vectors exchanged in {shm.SHM_DIR}"
 
 
 def lr_scale(step: int, warmup_steps: int, decay_start_step: int, decay_steps: int) -> float:
@@ -228,7 +237,7 @@ def time_loader(train_data: ProcessedData, global_batch: int, rank: runner.Rank,
 def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer],
           train_data: ProcessedData, test_data: ProcessedData, cfg: bench_config.Config, precision: str,
           checkpoint: Path, resume: dict | None = None, stop_after: int | None = None,
-          shared_memory: shm.SharedMemoryAllReduce | None = None) -> dict | None:
+          shared_memory: shm.SharedMemoryGroup | None = None) -> dict | None:
     """The training loop; returns throughput, the loss at the end, the AUC curve so far and the
     seconds spent in each phase of a step (PHASES; forward and backward include the waits for the
     all-to-alls, gradient_sync the waits for the all-reduces).
@@ -477,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"tables: {len(plan.replicated)} replicated, "
                      f"{'/'.join(str(len(plan.owned(r))) for r in range(info.world_size))} sharded per rank")
     shared_memory, shared_memory_status = open_shared_memory(rank, model, cfg)
-    runner.log(rank, f"{PROG}: gradient all-reduce: {shared_memory_status}")
+    runner.log(rank, f"{PROG}: collectives: {shared_memory_status}")
     loader = time_loader(train_data, global_batch, rank, plan, LOADER_BATCHES)
     result = train(rank, model, optimizers, train_data, test_data, cfg, precision, checkpoint, resume,
                    args.stop_after_steps, shared_memory)
@@ -512,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             "backend": backend,
             "ipex": {"used": ipex[0], "reason": ipex[1]},
             "interaction_kernel": {"used": kernel is not None, "reason": kernel_status},
-            "shared_memory_allreduce": {"used": shared_memory is not None, "reason": shared_memory_status},
+            "shared_memory": {"used": shared_memory is not None, "reason": shared_memory_status},
             "world_size": info.world_size,
             "threads_per_rank": rank.pinning["threads"],
             "pinning": [r["pinning"] for r in per_rank],

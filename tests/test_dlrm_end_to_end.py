@@ -62,9 +62,10 @@ EXCHANGE_VOCAB = [40, 3, 60, 50, 5, 45]  # 40+ rows: sharded (3 ranks: 60 -> 0, 
 BATCH_SIZES = (3, 5, 0)  # uneven, one rank empty: like the last step of an evaluation
 
 
-def exchange_worker(out: str) -> None:
-    """Run on every rank: the sharded lookups and their gradients equal those of the whole tables."""
-    from dlrm import dist
+def exchange_worker(out: str, shared: bool = False) -> None:
+    """Run on every rank: the sharded lookups and their gradients equal those of the whole tables
+    (``shared``: exchanged through a dlrm.shm group), over two steps."""
+    from dlrm import dist, shm
     from dlrm.model import EmbeddingTables
     from dlrm.sharding import ShardedEmbeddings, ShardedIds, plan_tables
 
@@ -77,31 +78,36 @@ def exchange_worker(out: str) -> None:
     whole.reset_parameters(seeds)
     mine = ShardedEmbeddings(plan, info.rank, 3)
     mine.reset_parameters(seeds)
-    g = torch.Generator().manual_seed(0)  # the same global batch and output gradients on every rank
-    ids = torch.stack([torch.randint(0, n, (sum(BATCH_SIZES),), generator=g) for n in EXCHANGE_VOCAB], dim=1)
-    grads = torch.randn(sum(BATCH_SIZES), len(EXCHANGE_VOCAB), 3, generator=g)
-    start = sum(BATCH_SIZES[:info.rank])
-    rows = slice(start, start + BATCH_SIZES[info.rank])
-    blocks = mine(ShardedIds(ids[rows, plan.replicated], ids[:, plan.owned(info.rank)], BATCH_SIZES))
-    got = torch.cat(blocks, dim=1)
-    expected = whole(ids[rows])[:, mine.tables]
-    torch.testing.assert_close(got, expected)
-    # Every rank's loss is scaled by 1/W (as dlrm.train does): summed over the ranks, the gradients
-    # are those of the whole batch's loss scaled alike.
-    got.backward(grads[rows, mine.tables] / info.world_size)
-    mine.reduce_sparse_gradients()
-    whole(ids).backward(grads / info.world_size)
-    reference = whole.weight.grad.to_dense()
-    state = mine.gather(mine.replicated.weight.grad.to_dense(), mine.local.weight.grad.to_dense())
-    if info.rank == 0:
-        torch.testing.assert_close(state, reference)
-    torch.distributed.barrier()
+    if shared:
+        mine.exchange_through(shm.open_group(info.rank, info.world_size, capacity=sum(BATCH_SIZES) * 4 * 3))
+    g = torch.Generator().manual_seed(0)  # the same global batches and output gradients on every rank
+    for batch_sizes in (BATCH_SIZES, BATCH_SIZES[::-1]):  # a second step: the shared slots' other half
+        ids = torch.stack([torch.randint(0, n, (sum(batch_sizes),), generator=g) for n in EXCHANGE_VOCAB], dim=1)
+        grads = torch.randn(sum(batch_sizes), len(EXCHANGE_VOCAB), 3, generator=g)
+        start = sum(batch_sizes[:info.rank])
+        rows = slice(start, start + batch_sizes[info.rank])
+        blocks = mine(ShardedIds(ids[rows, plan.replicated], ids[:, plan.owned(info.rank)], batch_sizes))
+        got = torch.cat(blocks, dim=1)
+        expected = whole(ids[rows])[:, mine.tables]
+        torch.testing.assert_close(got, expected)
+        # Every rank's loss is scaled by 1/W (as dlrm.train does): summed over the ranks, the gradients
+        # are those of the whole batch's loss scaled alike.
+        whole.weight.grad = mine.replicated.weight.grad = mine.local.weight.grad = None
+        got.backward(grads[rows, mine.tables] / info.world_size)
+        mine.reduce_sparse_gradients()
+        whole(ids).backward(grads / info.world_size)
+        reference = whole.weight.grad.to_dense()
+        state = mine.gather(mine.replicated.weight.grad.to_dense(), mine.local.weight.grad.to_dense())
+        if info.rank == 0:
+            torch.testing.assert_close(state, reference)
+        torch.distributed.barrier()
     Path(out, f"rank{info.rank}.ok").touch()
     dist.finish()
 
 
-def test_sharded_lookups_and_gradients_equal_the_whole_tables(tmp_path):
-    code = f"from tests.test_dlrm_end_to_end import exchange_worker; exchange_worker({str(tmp_path)!r})"
+@pytest.mark.parametrize("shared", [False, True], ids=["gloo", "shared-memory"])
+def test_sharded_lookups_and_gradients_equal_the_whole_tables(tmp_path, shared):
+    code = f"from tests.test_dlrm_end_to_end import exchange_worker; exchange_worker({str(tmp_path)!r}, {shared})"
     run(["-c", code], ranks=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok", "rank2.ok"]
 
@@ -178,7 +184,7 @@ def test_training_learns_and_counts_every_row(trained):
     has_compiler = (shutil.which("cc") or shutil.which("gcc")) is not None
     assert result["interaction_kernel"]["used"] == has_compiler  # with a compiler: the compiled one
     # Both ranks on this node: the dense gradients are summed in shared memory (on x86-64).
-    assert result["shared_memory_allreduce"]["used"] is (platform.machine() == "x86_64"), result["shared_memory_allreduce"]
+    assert result["shared_memory"]["used"] is (platform.machine() == "x86_64"), result["shared_memory"]
     assert result["threads_per_rank"] >= 1
     assert result["precision"] == "fp32" and result["early_stopped"] is False and result["resumed_from_step"] is None
     assert result["lr_schedule"] == {"dense_lr": cfg.train.dense_lr, "sparse_lr": cfg.train.sparse_lr,

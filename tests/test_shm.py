@@ -38,7 +38,7 @@ def test_not_used_when_shared_memory_is_short(monkeypatch):
 
 def sums_worker(out: str) -> None:
     """On every rank: sums of tensors of several sizes over many calls (both halves, sizes up to the
-    capacity), every rank's result written out to be compared bit for bit."""
+    capacity), every rank's result written out to be compared bit for bit; all-to-alls; bad calls."""
     import torch
 
     from dlrm import dist
@@ -47,7 +47,7 @@ def sums_worker(out: str) -> None:
     dist.init(info, "gloo")
     group = shm.open_group(info.rank, info.world_size, capacity=1000)
     torch.distributed.barrier()  # rank 0 has returned from open_group too
-    leftovers = sorted(p.name for p in shm.SHM_DIR.glob("dlrm-allreduce-*"))
+    leftovers = sorted(p.name for p in shm.SHM_DIR.glob("dlrm-shm-*"))
     results = []
     for call, size in enumerate([1000, 7, 1000, 1, 500]):
         generator = torch.Generator().manual_seed(100 * call + info.rank)
@@ -58,6 +58,22 @@ def sums_worker(out: str) -> None:
         group.all_reduce_(tensor)
         torch.testing.assert_close(tensor, sum(every), rtol=0, atol=1e-5)
         results.append(tensor.tolist())
+    # All-to-all with uneven splits (rank r sends (r + 1) * (d + 1) elements to rank d, none to itself
+    # on rank 1), twice: both halves of the slots.
+    for call in range(2):
+        sizes = [0 if r == d == 1 else (r + 1) * (d + 1) for r in range(info.world_size) for d in [info.rank]]
+        send_sizes = [0 if info.rank == d == 1 else (info.rank + 1) * (d + 1) for d in range(info.world_size)]
+        send = torch.cat([torch.full((n,), 100.0 * call + 10 * info.rank + d) for d, n in enumerate(send_sizes)])
+        group.all_to_all_start(send, send_sizes)
+        received = torch.empty(sum(sizes))
+        group.all_to_all_finish(received, sizes)
+        expected = torch.cat([torch.full((n,), 100.0 * call + 10 * r + info.rank) for r, n in enumerate(sizes)])
+        assert torch.equal(received, expected)
+    group.all_to_all_start(torch.zeros(info.world_size), [1] * info.world_size)
+    with pytest.raises(ValueError, match=rf"rank {info.rank} expected \[2, 2, 2\] elements from the ranks, they sent \[1, 1, 1\]"):
+        group.all_to_all_finish(torch.empty(6), [2, 2, 2])
+    with pytest.raises(ValueError, match=r"split sizes \[1, 1\] do not cut 3 elements for 3 ranks"):
+        group.all_to_all_start(torch.zeros(3), [1, 1])
     with pytest.raises(ValueError, match="contiguous float32 tensors of up to 1000 elements"):
         group.all_reduce_(torch.zeros(1001))
     with pytest.raises(ValueError, match="contiguous float32 tensors"):
@@ -67,15 +83,15 @@ def sums_worker(out: str) -> None:
     dist.finish()
 
 
-def test_ranks_get_the_same_exact_sums_and_leave_no_file(tmp_path):
-    before = set(shm.SHM_DIR.glob("dlrm-allreduce-*"))
+def test_ranks_get_the_same_exact_sums_exchange_segments_and_leave_no_file(tmp_path):
+    before = set(shm.SHM_DIR.glob("dlrm-shm-*"))
     run(["-c", f"from tests.test_shm import sums_worker; sums_worker({str(tmp_path)!r})"], ranks=3)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     assert ranks[0]["results"] == ranks[1]["results"] == ranks[2]["results"]  # bit-identical replicas
     assert [len(r) for r in ranks[0]["results"]] == [1000, 7, 1000, 1, 500]
     # Unlinked once every rank had mapped it: gone while the ranks still used it.
     assert all(r["leftovers"] == sorted(p.name for p in before) for r in ranks)
-    assert set(shm.SHM_DIR.glob("dlrm-allreduce-*")) == before
+    assert set(shm.SHM_DIR.glob("dlrm-shm-*")) == before
 
 
 def absent_peer_worker(out: str) -> None:
@@ -88,7 +104,7 @@ def absent_peer_worker(out: str) -> None:
     dist.init(info, "gloo")
     group = shm.open_group(info.rank, info.world_size, capacity=4, timeout_s=0.5)
     if info.rank == 0:
-        with pytest.raises(RuntimeError, match=r"rank 0 waited 0.5 s for rank\(s\) \[1\] at shared-memory all-reduce 1"):
+        with pytest.raises(RuntimeError, match=r"rank 0 waited 0.5 s for rank\(s\) \[1\] at shared-memory collective 1"):
             group.all_reduce_(torch.ones(4))
         Path(out, "rank0.ok").touch()
     dist.finish()
