@@ -126,6 +126,7 @@ def test_only_touched_embedding_rows_get_gradients():
 def test_dense_gradient_tables_match_sparse_ones():
     torch.manual_seed(0)
     sparse, dense = EmbeddingTables([0, 1], [5, 7], 3), EmbeddingTables([0, 1], [5, 7], 3, sparse=False)
+    sparse.reset_parameters([1, 2])  # (a new table's weight is uninitialised memory, possibly NaN)
     dense.weight.data.copy_(sparse.weight.data)
     ids = torch.tensor([[0, 6], [4, 6], [0, 1]])
     grad = torch.randn(3, 2, 3)
