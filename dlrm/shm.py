@@ -75,7 +75,8 @@ class SharedMemoryGroup:
     def __init__(self, buffer: mmap.mmap, rank: int, world_size: int, capacity: int, timeout_s: float):
         self._buffer = buffer
         self.rank, self.world_size, self.capacity, self.timeout_s = rank, world_size, capacity, timeout_s
-        self._sequence = torch.frombuffer(buffer, dtype=torch.int64, count=world_size)
+        # The sequence numbers through a memoryview: the wait loop reads them with no torch op per spin.
+        self._sequence = memoryview(buffer)[:8 * world_size].cast("q")
         self._splits = torch.frombuffer(buffer, dtype=torch.int64, count=2 * MAX_RANKS * MAX_RANKS,
                                         offset=SPLITS).view(2, MAX_RANKS, MAX_RANKS)[:, :world_size, :world_size]
         self._slots = torch.frombuffer(buffer, dtype=torch.float32, count=2 * world_size * capacity,
@@ -132,18 +133,19 @@ class SharedMemoryGroup:
 
     def _wait_for_all(self) -> None:
         deadline = None
-        while int(self._sequence.min()) < self._calls:
+        while min(self._sequence) < self._calls:
             # Yield: on a one-core rank gloo's threads (a collective in flight) need the core meanwhile.
             os.sched_yield()
             now = time.monotonic()
             deadline = deadline or now + self.timeout_s
             if now > deadline:
-                late = [r for r in range(self.world_size) if int(self._sequence[r]) < self._calls]
+                late = [r for r in range(self.world_size) if self._sequence[r] < self._calls]
                 raise RuntimeError(f"rank {self.rank} waited {self.timeout_s:g} s for rank(s) {late} at "
                                    f"shared-memory collective {self._calls}: they stopped or hung")
 
     def close(self) -> None:
-        del self._sequence, self._splits, self._slots  # the views must go before the mapping can close
+        self._sequence.release()
+        del self._splits, self._slots  # the views must go before the mapping can close
         self._buffer.close()
 
 
