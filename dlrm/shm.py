@@ -47,8 +47,8 @@ def file_bytes(world_size: int, capacity: int) -> int:
 
 
 def unavailable(info: RankInfo, backend: str, capacity: int) -> str | None:
-    """Why this job cannot use the shared-memory all-reduce for tensors of up to ``capacity``
-    floats (None: it can)."""
+    """Why this job cannot use shared-memory collectives for tensors of up to ``capacity`` floats
+    in all (None: it can)."""
     if info.world_size == 1:
         return "one rank: nothing to sum"
     if backend != "gloo":
