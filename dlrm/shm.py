@@ -36,9 +36,12 @@ from dlrm.dist import RankInfo
 
 SHM_DIR = Path("/dev/shm")
 MAX_RANKS = 8
-# Before the slots: one int64 sequence number per rank, then each half's split sizes (rank x rank int64s).
-SPLITS = 8 * MAX_RANKS
+# Before the slots: one int64 sequence number per rank, each rank's pid, then each half's split sizes
+# (rank x rank int64s).
+PIDS = 8 * MAX_RANKS
+SPLITS = PIDS + 8 * MAX_RANKS
 HEADER = SPLITS + 2 * MAX_RANKS * MAX_RANKS * 8
+LIVENESS_CHECK_S = 0.1  # how often a waiting rank checks that the ranks it waits for still run
 
 
 def file_bytes(world_size: int, capacity: int) -> int:
@@ -77,6 +80,7 @@ class SharedMemoryGroup:
         self.rank, self.world_size, self.capacity, self.timeout_s = rank, world_size, capacity, timeout_s
         # The sequence numbers through a memoryview: the wait loop reads them with no torch op per spin.
         self._sequence = memoryview(buffer)[:8 * world_size].cast("q")
+        self._pids = memoryview(buffer)[PIDS:PIDS + 8 * world_size].cast("q")
         self._splits = torch.frombuffer(buffer, dtype=torch.int64, count=2 * MAX_RANKS * MAX_RANKS,
                                         offset=SPLITS).view(2, MAX_RANKS, MAX_RANKS)[:, :world_size, :world_size]
         self._slots = torch.frombuffer(buffer, dtype=torch.float32, count=2 * world_size * capacity,
@@ -132,21 +136,40 @@ class SharedMemoryGroup:
         return self._slots[half]
 
     def _wait_for_all(self) -> None:
-        deadline = None
+        """Until every rank has posted this call. A rank that died (killed, crashed) would never post:
+        its pid is checked every LIVENESS_CHECK_S, so the job stops at once (mpiexec then ends the rest),
+        as gloo's broken connections stop it; a rank alive but stuck, after timeout_s."""
+        deadline = check = None
         while min(self._sequence) < self._calls:
             # Yield: on a one-core rank gloo's threads (a collective in flight) need the core meanwhile.
             os.sched_yield()
             now = time.monotonic()
-            deadline = deadline or now + self.timeout_s
+            deadline, check = deadline or now + self.timeout_s, check or now + LIVENESS_CHECK_S
+            late = [r for r in range(self.world_size) if self._sequence[r] < self._calls]
+            if now > check:
+                check = now + LIVENESS_CHECK_S
+                for r in late:
+                    if not _running(self._pids[r]):
+                        raise RuntimeError(f"rank {r} (pid {self._pids[r]}) exited while rank {self.rank} waited "
+                                           f"for it at shared-memory collective {self._calls}")
             if now > deadline:
-                late = [r for r in range(self.world_size) if self._sequence[r] < self._calls]
                 raise RuntimeError(f"rank {self.rank} waited {self.timeout_s:g} s for rank(s) {late} at "
                                    f"shared-memory collective {self._calls}: they stopped or hung")
 
     def close(self) -> None:
         self._sequence.release()
+        self._pids.release()
         del self._splits, self._slots  # the views must go before the mapping can close
         self._buffer.close()
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (dead, not yet reaped by its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def open_group(rank: int, world_size: int, capacity: int, timeout_s: float = 1800.0) -> SharedMemoryGroup:
@@ -170,7 +193,8 @@ def open_group(rank: int, world_size: int, capacity: int, timeout_s: float = 180
             buffer = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        torch_dist.barrier()  # every rank has mapped it
+        memoryview(buffer)[PIDS:PIDS + 8 * world_size].cast("q")[rank] = os.getpid()
+        torch_dist.barrier()  # every rank has mapped it, and written its pid
     finally:
         if rank == 0:
             os.unlink(name[0])

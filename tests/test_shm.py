@@ -1,9 +1,15 @@
 """dlrm.shm: when the shared-memory all-reduce is used, and its sums on real mpiexec ranks."""
 
 import json
+import mmap
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dlrm import shm
 from dlrm.dist import RankInfo
@@ -113,3 +119,29 @@ def absent_peer_worker(out: str) -> None:
 def test_a_rank_that_never_arrives_times_out_with_its_number(tmp_path):
     run(["-c", f"from tests.test_shm import absent_peer_worker; absent_peer_worker({str(tmp_path)!r})"], ranks=2)
     assert (tmp_path / "rank0.ok").exists()
+
+
+def lone_group(peer_pid: int, timeout_s: float) -> shm.SharedMemoryGroup:
+    """Rank 0 of a 2-rank group in anonymous memory whose rank 1 (process ``peer_pid``) never posts."""
+    buffer = mmap.mmap(-1, shm.file_bytes(2, 4))
+    memoryview(buffer)[shm.PIDS:shm.PIDS + 16].cast("q")[1] = peer_pid
+    return shm.SharedMemoryGroup(buffer, rank=0, world_size=2, capacity=4, timeout_s=timeout_s)
+
+
+def test_a_rank_whose_peer_process_died_stops_at_once():
+    """A killed rank posts nothing and raises nothing; its peers notice that its process is gone
+    (mpiexec usually ends them first, but they must not depend on it)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # exited and reaped: its pid runs nothing now
+    group = lone_group(dead.pid, timeout_s=120)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"rank 1 \(pid {dead.pid}\) exited while rank 0 waited for it at "
+                                           r"shared-memory collective 1"):
+        group.all_reduce_(torch.ones(4))
+    assert time.monotonic() - start < 60  # the liveness check, not the 120 s timeout
+
+
+def test_a_rank_whose_peer_hangs_stops_after_the_timeout():
+    group = lone_group(os.getpid(), timeout_s=0.3)  # a live peer process that never posts
+    with pytest.raises(RuntimeError, match=r"rank 0 waited 0.3 s for rank\(s\) \[1\] at shared-memory collective 1"):
+        group.all_reduce_(torch.ones(4))
