@@ -75,8 +75,9 @@ class SharedMemoryGroup:
     """All-reduce (a sum) and all-to-all of float32 tensors of up to ``capacity`` elements per rank
     over the ranks of the default process group."""
 
-    def __init__(self, buffer: mmap.mmap, rank: int, world_size: int, capacity: int, timeout_s: float):
-        self._buffer = buffer
+    def __init__(self, buffer: mmap.mmap, rank: int, world_size: int, capacity: int, timeout_s: float,
+                 name: str = "anonymous"):
+        self._buffer, self.name = buffer, name
         self.rank, self.world_size, self.capacity, self.timeout_s = rank, world_size, capacity, timeout_s
         # The sequence numbers through a memoryview: the wait loop reads them with no torch op per spin.
         self._sequence = memoryview(buffer)[:8 * world_size].cast("q")
@@ -86,12 +87,17 @@ class SharedMemoryGroup:
         self._slots = torch.frombuffer(buffer, dtype=torch.float32, count=2 * world_size * capacity,
                                        offset=HEADER).view(2, world_size, capacity)
         self._calls = 0
+        self._exchanging = False  # between all_to_all_start and all_to_all_finish
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
         """``tensor`` (float32, contiguous) replaced by its sum over the ranks. Every rank must call this
-        with a tensor of the same size, in the same order of calls."""
-        slots = self._post(tensor)[:, :tensor.numel()]
+        with a tensor of the same size, in the same order of calls (a different size is an error)."""
+        n = tensor.numel()
+        slots = self._post(tensor, [n] * self.world_size)[:, :n]
         self._wait_for_all()
+        sizes = self._splits[self._calls % 2, :, 0].tolist()
+        if sizes != [n] * self.world_size:
+            raise RuntimeError(f"shared-memory all-reduce {self._calls}: the ranks passed {sizes} elements")
         flat = tensor.view(-1)
         torch.add(slots[0], slots[1], out=flat)
         for other in range(2, self.world_size):
@@ -103,10 +109,14 @@ class SharedMemoryGroup:
         if len(send_sizes) != self.world_size or sum(send_sizes) != send.numel():
             raise ValueError(f"split sizes {send_sizes} do not cut {send.numel()} elements for {self.world_size} ranks")
         self._post(send, send_sizes)
+        self._exchanging = True
 
     def all_to_all_finish(self, received: torch.Tensor, receive_sizes: list[int]) -> None:
         """Fill ``received`` (contiguous) with every rank's segment for this rank, in rank order, of the
         call ``all_to_all_start`` began; receive_sizes[j]: the elements rank j sends here."""
+        if not self._exchanging:
+            raise RuntimeError("all_to_all_finish without all_to_all_start")
+        self._exchanging = False
         self._wait_for_all()
         half = self._calls % 2
         splits = self._splits[half].tolist()
@@ -120,9 +130,11 @@ class SharedMemoryGroup:
             out[offset:offset + row[self.rank]].copy_(self._slots[half, sender, start:start + row[self.rank]])
             offset += row[self.rank]
 
-    def _post(self, tensor: torch.Tensor, splits: list[int] | None = None) -> torch.Tensor:
-        """Copy ``tensor`` (and an all-to-all's ``splits``) into this rank's slot of the next call's half,
-        then raise the sequence number; returns that half's slots."""
+    def _post(self, tensor: torch.Tensor, splits: list[int]) -> torch.Tensor:
+        """Copy ``tensor`` and ``splits`` (an all-to-all's split sizes, or an all-reduce's size) into this
+        rank's slot and row of the next call's half, then raise the sequence number; returns that half's slots."""
+        if self._exchanging:  # its half could be overwritten before the other ranks have read it
+            raise RuntimeError("a shared-memory group takes one call at a time: all_to_all_start was not finished")
         n = tensor.numel()
         if tensor.dtype != torch.float32 or not tensor.is_contiguous() or n > self.capacity:
             raise ValueError(f"shared-memory collectives take contiguous float32 tensors of up to "
@@ -130,8 +142,7 @@ class SharedMemoryGroup:
         self._calls += 1
         half = self._calls % 2
         self._slots[half, self.rank, :n].copy_(tensor.view(-1))
-        if splits is not None:
-            self._splits[half, self.rank] = torch.tensor(splits)
+        self._splits[half, self.rank] = torch.tensor(splits)
         self._sequence[self.rank] = self._calls  # after the data (x86: stores stay in order)
         return self._slots[half]
 
@@ -175,18 +186,19 @@ def _running(pid: int) -> bool:
 def open_group(rank: int, world_size: int, capacity: int, timeout_s: float = 1800.0) -> SharedMemoryGroup:
     """Map one shared file on every rank (collective over the default process group)."""
     size = file_bytes(world_size, capacity)
-    name = [None]
-    if rank == 0:
-        path = SHM_DIR / f"dlrm-shm-{uuid.uuid4().hex}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        name = [str(path)]
-        try:
-            # Zero-filled (every sequence number starts at 0), and allocated now: a full /dev/shm fails
-            # here with an error, not later with SIGBUS on a write to the mapping.
-            os.posix_fallocate(fd, 0, size)
-        finally:
-            os.close(fd)
+    name: list[str | None] = [None]
+    created = None
     try:
+        if rank == 0:
+            created = SHM_DIR / f"dlrm-shm-{uuid.uuid4().hex}"
+            fd = os.open(created, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                # Zero-filled (every sequence number starts at 0), and allocated now: a full /dev/shm fails
+                # here with an error, not later with SIGBUS on a write to the mapping.
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+            name = [str(created)]
         torch_dist.broadcast_object_list(name, src=0)
         fd = os.open(name[0], os.O_RDWR)
         try:
@@ -196,6 +208,6 @@ def open_group(rank: int, world_size: int, capacity: int, timeout_s: float = 180
         memoryview(buffer)[PIDS:PIDS + 8 * world_size].cast("q")[rank] = os.getpid()
         torch_dist.barrier()  # every rank has mapped it, and written its pid
     finally:
-        if rank == 0:
-            os.unlink(name[0])
-    return SharedMemoryGroup(buffer, rank, world_size, capacity, timeout_s)
+        if created is not None:  # also when anything above failed
+            created.unlink(missing_ok=True)
+    return SharedMemoryGroup(buffer, rank, world_size, capacity, timeout_s, name[0])

@@ -121,6 +121,8 @@ def open_shared_memory(rank: runner.Rank, model: DLRM, cfg: bench_config.Config
     exchange = max(cfg.train.batch_size, cfg.train.eval_batch_size * world) * sharded * dim
     why_not = shm.unavailable(rank.info, rank.backend, gradients + exchange) if cfg.train.shared_memory \
         else "train.shared_memory is false"
+    # Every rank must take the same path (each read /dev/shm's free space at its own moment).
+    why_not = next((reason for reason in dist.all_gather(why_not) if reason is not None), None)
     if why_not is not None:
         return None, f"{why_not}: the {rank.backend} backend sums the gradients and exchanges the vectors"
     group = shm.open_group(rank.info.rank, world, gradients)

@@ -81,7 +81,7 @@ def exchange_worker(out: str, shared: bool = False) -> None:
     if shared:
         mine.exchange_through(shm.open_group(info.rank, info.world_size, capacity=sum(BATCH_SIZES) * 4 * 3))
     g = torch.Generator().manual_seed(0)  # the same global batches and output gradients on every rank
-    for batch_sizes in (BATCH_SIZES, BATCH_SIZES[::-1]):  # a second step: the shared slots' other half
+    for batch_sizes in (BATCH_SIZES, BATCH_SIZES[::-1]):  # a second step, the empty rank another
         ids = torch.stack([torch.randint(0, n, (sum(batch_sizes),), generator=g) for n in EXCHANGE_VOCAB], dim=1)
         grads = torch.randn(sum(batch_sizes), len(EXCHANGE_VOCAB), 3, generator=g)
         start = sum(batch_sizes[:info.rank])
@@ -183,8 +183,9 @@ def test_training_learns_and_counts_every_row(trained):
     assert result["backend"] == "gloo" and result["ipex"]["used"] is False
     has_compiler = (shutil.which("cc") or shutil.which("gcc")) is not None
     assert result["interaction_kernel"]["used"] == has_compiler  # with a compiler: the compiled one
-    # Both ranks on this node: the dense gradients are summed in shared memory (on x86-64).
-    assert result["shared_memory"]["used"] is (platform.machine() == "x86_64"), result["shared_memory"]
+    # Both ranks on this node: the dense gradients are summed in shared memory (on x86-64, with room in /dev/shm).
+    shared = result["shared_memory"]
+    assert shared["used"] is (platform.machine() == "x86_64") or shared["reason"].startswith("/dev/shm has "), shared
     assert result["threads_per_rank"] >= 1
     assert result["precision"] == "fp32" and result["early_stopped"] is False and result["resumed_from_step"] is None
     assert result["lr_schedule"] == {"dense_lr": cfg.train.dense_lr, "sparse_lr": cfg.train.sparse_lr,
