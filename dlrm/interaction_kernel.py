@@ -10,7 +10,7 @@ block's gradient contiguous (no copies before the lookups' backward or the all-t
 
 It computes in fp32 also in bf16 training (the bottom MLP's bf16 output is widened; the
 products of bf16 values are exact in fp32), where it replaces a bf16 batched matmul.
-It is compiled when a training job starts (~0.3 s; cc or gcc, -O3 -march=native for the
+It is compiled when a training or inference job starts (~0.3 s; cc or gcc, -O3 -march=native for the
 CPU it runs on) into a temporary directory removed once loaded. Without a compiler the
 model uses the PyTorch interaction; train.json says which ("interaction_kernel").
 """

@@ -156,6 +156,8 @@ class SharedMemoryGroup:
             os.sched_yield()
             now = time.monotonic()
             deadline, check = deadline or now + self.timeout_s, check or now + LIVENESS_CHECK_S
+            if now <= check and now <= deadline:
+                continue
             late = [r for r in range(self.world_size) if self._sequence[r] < self._calls]
             if now > check:
                 check = now + LIVENESS_CHECK_S
