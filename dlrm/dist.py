@@ -218,7 +218,7 @@ class GradientBuffer:
         for bucket in buckets:
             start = offset
             for param in bucket:
-                param.grad = self.flat[offset:offset + param.numel()].view_as(param)
+                param.grad = _view_like(self.flat[offset:offset + param.numel()], param)
                 offset += param.numel()
             self.slices.append(self.flat[start:offset])
         self.sizes = [len(bucket) for bucket in buckets]
@@ -260,3 +260,14 @@ class GradientBuffer:
             work.wait()
         self._started = [False] * len(self._started)
         self._works = []
+
+
+def _view_like(flat: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``flat`` viewed in ``param``'s shape *and memory layout* (a dense parameter, e.g. a transposed
+    weight: dlrm.model.DLRM's first layer). Fused Adam walks a parameter, its gradient and its
+    moments as flat arrays, so a gradient laid out differently would update the wrong entries."""
+    outer_first = sorted(range(param.dim()), key=lambda d: -param.stride(d))
+    view = flat.view([param.shape[d] for d in outer_first]).permute(*[outer_first.index(d) for d in range(param.dim())])
+    if view.stride() != param.stride():
+        raise ValueError(f"a parameter of strides {param.stride()} is not dense: its gradient cannot be a view")
+    return view

@@ -42,6 +42,14 @@ def mlp(in_features: int, sizes: list[int], relu_last: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def column_major(layer: nn.Linear) -> None:
+    """Store the layer's weight transposed in memory (same shape and values). For a layer of few inputs
+    (the bottom MLP's first: 13) that makes autograd compute the weight's gradient as xᵀ g, a
+    [13, B] x [B, 512] product, instead of (gᵀ x)ᵀ, which PyTorch picks for a row-major weight and
+    which MKL runs 2.6x slower for 13 columns (0.30 against 0.79 ms per 1024 rows on one core)."""
+    layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t())
+
+
 class EmbeddingTables(nn.Module):
     """Some of the model's tables stored end to end: row j of the i-th is weight row offsets[i] + j.
 
@@ -257,6 +265,7 @@ class DLRM(nn.Module):
         self.vocab_sizes = list(vocab_sizes)
         # The bottom output is one of the interacting vectors, so it ends in ReLU like the reference.
         self.bottom = mlp(NUM_DENSE, cfg.bottom_mlp, relu_last=True)
+        column_major(self.bottom[0])
         self.embeddings = embeddings if embeddings is not None else EmbeddingTables(
             list(range(len(vocab_sizes))), self.vocab_sizes, dim)
         # The last top layer stays linear: it outputs the logit, BCEWithLogits applies the sigmoid.

@@ -185,3 +185,19 @@ def test_ccl_settings_are_in_the_environment_before_the_group_starts(monkeypatch
     rank = runner.start(resolve("tiny"), backend, expected_ranks=2, prog="test")
     assert seen == {"backend": "ccl", "env": {"CCL_WORKER_COUNT": "1", "CCL_WORKER_AFFINITY": "3"}}
     assert rank.pinning["cores"] == [2] and rank.pinning["ccl_environment"]["CCL_WORKER_AFFINITY"] == "3"
+
+
+@pytest.mark.parametrize("shape,permutation", [((2, 3), (0, 1)), ((2, 3), (1, 0)), ((2, 3, 4), (2, 0, 1))])
+def test_gradient_views_take_the_parameters_layout(shape, permutation):
+    """Fused Adam walks a parameter and its gradient as flat arrays: their strides must agree."""
+    stored = torch.zeros([shape[d] for d in permutation])
+    param = stored.permute(*[permutation.index(d) for d in range(len(shape))])  # the shape asked for, laid out in memory in another order
+    assert param.shape == shape
+    flat = torch.arange(param.numel(), dtype=torch.float32)
+    view = dist._view_like(flat, param)
+    assert view.shape == param.shape and view.stride() == param.stride() and view.data_ptr() == flat.data_ptr()
+
+
+def test_a_gradient_view_of_a_strided_parameter_is_refused():
+    with pytest.raises(ValueError, match="not dense"):
+        dist._view_like(torch.zeros(3), torch.zeros(6)[::2])

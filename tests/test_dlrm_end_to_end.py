@@ -117,7 +117,8 @@ def gradient_buffer_worker(out: str, shared: bool) -> None:
 
     info = dist.launcher_env()
     dist.init(info, "gloo")
-    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(5))]
+    # params[0] is laid out column-major, like DLRM's first layer (dlrm.model.column_major).
+    params = [torch.nn.Parameter(torch.zeros(3, 2).T), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(5))]
     group = shm.open_group(info.rank, info.world_size, capacity=9) if shared else None
     buffer = dist.GradientBuffer([[params[0]], [params[1], params[2]]], group)
     for _ in range(2):  # zeroed between steps, accumulated into in place by backward
@@ -130,6 +131,7 @@ def gradient_buffer_worker(out: str, shared: bool) -> None:
         assert torch.equal(params[0].grad, torch.full((2, 3), mean)) and torch.equal(params[1].grad, torch.full((4,), 2 * mean))
         assert torch.equal(params[2].grad, torch.zeros(5))
         assert params[0].grad.data_ptr() == buffer.flat.data_ptr()  # still a view of the buffer
+        assert params[0].grad.stride() == params[0].stride() == (1, 2)  # fused Adam needs the same layout
     Path(out, f"rank{info.rank}.ok").touch()
     dist.finish()
 

@@ -111,6 +111,21 @@ def test_model_accepts_column_major_ids():
     torch.testing.assert_close(model(dense, ids), model(dense, transposed))
 
 
+def test_first_bottom_layer_is_stored_column_major_and_computes_the_same():
+    model = DLRM(VOCAB, CFG)
+    layer = model.bottom[0]
+    assert layer.weight.shape == (8, NUM_DENSE) and layer.weight.stride() == (1, 8)
+    dense = torch.randn(6, NUM_DENSE)
+    grad = torch.randn(6, 8)
+    layer(dense).backward(grad)
+    torch.testing.assert_close(layer(dense), dense @ layer.weight.detach().contiguous().T + layer.bias.detach())
+    torch.testing.assert_close(layer.weight.grad, grad.T @ dense)
+    # Saved and loaded through a state dict, it stays the same function.
+    copy = DLRM(VOCAB, CFG)
+    copy.load_state_dict(model.state_dict())
+    torch.testing.assert_close(copy.bottom[0](dense), layer(dense))
+
+
 def test_only_touched_embedding_rows_get_gradients():
     model = DLRM(VOCAB, CFG)
     dense, ids = batch()
