@@ -68,12 +68,29 @@ static inline vec sum_lanes(const vec v[LANES]) {
 #endif
 }
 
-/* out[p] = <row[first[p]], row[second[p]]> for every pair p: LANES pairs at a time, each pair's
- * products summed lane-wise, then the LANES sums reduced together by sum_lanes (a last short group
- * padded with zero sums); dim must be a multiple of LANES (see pair_dots). */
+/* out[p] = <row[first[p]], row[second[p]]> for every pair p, LANES pairs at a time: each pair's
+ * products summed lane-wise, then the LANES sums reduced together by sum_lanes; dim must be a
+ * multiple of LANES (see pair_dots).
+ * With AVX2 or SSE a group is a run of pairs sharing their first vector (the layout lists each
+ * row of the triangle together), padded with throwaway pairs: each chunk of that vector is loaded
+ * once for the group, so loads no longer outnumber multiply-adds 2 to 1 (Zen 3, dim 64: forward
+ * 1.25 instead of 1.72 ms per 1024 rows). With AVX-512's 16 lanes the padding would waste more
+ * than that saves: any LANES consecutive pairs make a group. */
 static inline void pair_dots_blocked(int64_t dim, int64_t pairs, const float *const *row, const int32_t *first,
                                      const int32_t *second, float *out) {
-    for (int64_t p = 0; p < pairs; p += LANES) {
+    for (int64_t p = 0; p < pairs;) {
+#if LANES <= 8
+        const float *a = row[first[p]];
+        int64_t count = 1;
+        while (count < LANES && p + count < pairs && first[p + count] == first[p]) count++;
+        const float *b[LANES];
+        for (int q = 0; q < LANES; q++) b[q] = q < count ? row[second[p + q]] : a;
+        vec part[LANES] = {0};
+        for (int64_t k = 0; k < dim; k += LANES) {
+            const vec x = load(a + k);
+            for (int q = 0; q < LANES; q++) part[q] += x * load(b[q] + k);
+        }
+#else
         const int64_t count = pairs - p < LANES ? pairs - p : LANES;
         vec part[LANES] = {0};
         for (int64_t q = 0; q < count; q++) {
@@ -82,9 +99,11 @@ static inline void pair_dots_blocked(int64_t dim, int64_t pairs, const float *co
             for (int64_t k = LANES; k < dim; k += LANES) sum += load(a + k) * load(b + k);
             part[q] = sum;
         }
+#endif
         const vec sums = sum_lanes(part);
         if (count == LANES) store(out + p, sums);
         else memcpy(out + p, &sums, count * sizeof(float));
+        p += count;
     }
 }
 
