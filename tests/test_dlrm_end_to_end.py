@@ -223,9 +223,12 @@ def test_training_evaluates_along_the_way(trained):
     assert curve[0]["auc"] < curve[-1]["auc"]
 
 
+def progress_lines(stdout: str) -> list[dict]:
+    return [json.loads(line[len("PROGRESS "):]) for line in stdout.splitlines() if line.startswith("PROGRESS ")]
+
+
 def test_training_reports_progress_lines(trained):
-    lines = [json.loads(line[len("PROGRESS "):]) for line in trained["stdout"].splitlines()
-             if line.startswith("PROGRESS ")]
+    lines = progress_lines(trained["stdout"])
     train_lines = [p for p in lines if p["stage"] == "train"]
     assert train_lines and {p["stage"] for p in lines} == {"train", "eval"}
     assert train_lines[-1]["step"] == train_lines[-1]["steps"] == trained["result"]["steps"]
@@ -264,7 +267,10 @@ def test_bf16_learns_and_stops_at_the_target_auc(trained, tmp_path):
                        "train.target_auc=0.8"])
     result = run_b["result"]
     assert result["precision"] == "bf16"
-    assert result["auc"] > 0.75 and 0 < result["final_loss"] < 0.6  # bf16 still learns
+    # bf16 still learns. The final loss is the last step's alone and the run stops early (after 16 steps
+    # here, at 0.48; another draw of the initial weights stopped after 8, at 0.63): compared with the first step's (0.71).
+    first_loss = next(p["loss"] for p in progress_lines(run_b["stdout"]) if p["stage"] == "train")
+    assert result["auc"] > 0.75 and 0 < result["final_loss"] < first_loss - 0.03
     *periodic, final = result["auc_curve"]
     assert result["early_stopped"] is True and result["steps"] == periodic[-1]["step"] < 32
     assert periodic[-1]["auc"] >= 0.8 and all(p["auc"] < 0.8 for p in periodic[:-1])
