@@ -265,12 +265,13 @@ class DLRM(nn.Module):
         self.vocab_sizes = list(vocab_sizes)
         # The bottom output is one of the interacting vectors, so it ends in ReLU like the reference.
         self.bottom = mlp(NUM_DENSE, cfg.bottom_mlp, relu_last=True)
-        column_major(self.bottom[0])
         self.embeddings = embeddings if embeddings is not None else EmbeddingTables(
             list(range(len(vocab_sizes))), self.vocab_sizes, dim)
         # The last top layer stays linear: it outputs the logit, BCEWithLogits applies the sigmoid.
         self.top = mlp(top_input_size(len(self.vocab_sizes), dim), cfg.top_mlp, relu_last=False)
         self.reset_parameters()
+        # After initialising: normal_ fills a tensor in memory order, so the same seed gives the same weights.
+        column_major(self.bottom[0])
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
