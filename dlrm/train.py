@@ -216,9 +216,23 @@ def load_checkpoint(rank: runner.Rank, path: Path, model: DLRM, optimizers: list
                             tables.split(saved["embedding_adagrad_sum"])):
         sparse_opt.state_sum(weight).copy_(sums)
     dense_opt.load_state_dict(saved["dense_optimizer"])
+    state_in_parameter_layout(dense_opt)
     mine = saved["per_rank"][rank.info.rank]
     torch.set_rng_state(mine["rng"])
     return {"step": saved["step"], "losses": mine["losses"].numpy(), "auc_curve": saved["auc_curve"]}
+
+
+def state_in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Lay out each parameter-shaped state tensor (Adam's moments) in its parameter's memory layout.
+    load_state_dict keeps the saved layout, and fused Adam walks a parameter and its moments as flat
+    arrays: a checkpoint written before the first layer became column-major (dlrm.model.column_major)
+    holds its moments row-major, which would silently mix up that layer's entries."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param).copy_(value)
 
 
 def time_loader(train_data: ProcessedData, global_batch: int, rank: runner.Rank, plan: ShardingPlan,

@@ -129,3 +129,20 @@ def test_full_profile_has_the_mlperf_settings():
     assert cfg.data.source == "criteo" and cfg.data.days == 23
     assert cfg.preprocess.max_ind_range == 40_000_000
     assert resolve("tiny").preprocess.max_ind_range == resolve("small").preprocess.max_ind_range == 0
+
+
+def test_loaded_adam_moments_take_their_parameters_layout():
+    """A checkpoint from before the first layer was column-major holds its moments row-major."""
+    weight = torch.nn.Parameter(torch.randn(3, 5).T)  # [5, 3], column-major
+    weight.grad = torch.randn(3, 5).T
+    saved = torch.optim.Adam([weight], fused=True)
+    saved.step()
+    state = saved.state_dict()
+    for key in ("exp_avg", "exp_avg_sq"):
+        state["state"][0][key] = state["state"][0][key].contiguous()  # as the older code saved them
+    loaded = torch.optim.Adam([weight], fused=True)
+    loaded.load_state_dict(state)
+    train.state_in_parameter_layout(loaded)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert loaded.state[weight][key].stride() == weight.stride() == (1, 5)
+        torch.testing.assert_close(loaded.state[weight][key], saved.state[weight][key], rtol=0, atol=0)
