@@ -268,6 +268,6 @@ def _view_like(flat: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     moments as flat arrays, so a gradient laid out differently would update the wrong entries."""
     outer_first = sorted(range(param.dim()), key=lambda d: -param.stride(d))
     view = flat.view([param.shape[d] for d in outer_first]).permute(*[outer_first.index(d) for d in range(param.dim())])
-    if view.stride() != param.stride():
+    if any(a != b for a, b, size in zip(view.stride(), param.stride(), param.shape) if size > 1):  # size 1: any stride
         raise ValueError(f"a parameter of strides {param.stride()} is not dense: its gradient cannot be a view")
     return view

@@ -198,6 +198,12 @@ def test_gradient_views_take_the_parameters_layout(shape, permutation):
     assert view.shape == param.shape and view.stride() == param.stride() and view.data_ptr() == flat.data_ptr()
 
 
+def test_a_gradient_view_ignores_the_strides_of_size_one_dimensions():
+    param = torch.zeros(13, 1).T  # [1, 13], strides (1, 1): dense, a first layer of one output
+    view = dist._view_like(torch.arange(13.0), param)
+    assert view.shape == (1, 13) and view.stride()[1] == 1 and view[0, 12] == 12
+
+
 def test_a_gradient_view_of_a_strided_parameter_is_refused():
     with pytest.raises(ValueError, match="not dense"):
         dist._view_like(torch.zeros(3), torch.zeros(6)[::2])
