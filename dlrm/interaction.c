@@ -74,7 +74,7 @@ static inline vec sum_lanes(const vec v[LANES]) {
  * With AVX2 or SSE a group is a run of pairs sharing their first vector (the layout lists each
  * row of the triangle together), padded with throwaway pairs: each chunk of that vector is loaded
  * once for the group, so loads no longer outnumber multiply-adds 2 to 1 (Zen 3, dim 64: forward
- * 1.25 instead of 1.72 ms per 1024 rows). With AVX-512's 16 lanes the padding would waste more
+ * 1.22 instead of 1.67-1.71 ms per 1024 rows). With AVX-512's 16 lanes the padding would waste more
  * than that saves: any LANES consecutive pairs make a group. */
 static inline void pair_dots_blocked(int64_t dim, int64_t pairs, const float *const *row, const int32_t *first,
                                      const int32_t *second, float *out) {

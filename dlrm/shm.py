@@ -81,7 +81,7 @@ class SharedMemoryGroup:
         self.rank, self.world_size, self.capacity, self.timeout_s = rank, world_size, capacity, timeout_s
         # The sequence numbers through a memoryview: the wait loop reads them with no torch op per spin.
         self._sequence = memoryview(buffer)[:8 * world_size].cast("q")
-        self._pids = memoryview(buffer)[PIDS:PIDS + 8 * world_size].cast("q")
+        self._pids = pid_slots(buffer, world_size)
         self._splits = torch.frombuffer(buffer, dtype=torch.int64, count=2 * MAX_RANKS * MAX_RANKS,
                                         offset=SPLITS).view(2, MAX_RANKS, MAX_RANKS)[:, :world_size, :world_size]
         self._slots = torch.frombuffer(buffer, dtype=torch.float32, count=2 * world_size * capacity,
@@ -176,6 +176,11 @@ class SharedMemoryGroup:
         self._buffer.close()
 
 
+def pid_slots(buffer: mmap.mmap, world_size: int) -> memoryview:
+    """The header's pids, one int64 per rank (each rank writes its own when it maps the file)."""
+    return memoryview(buffer)[PIDS:PIDS + 8 * world_size].cast("q")
+
+
 def _running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (dead, not yet reaped by its parent)."""
     try:
@@ -207,7 +212,7 @@ def open_group(rank: int, world_size: int, capacity: int, timeout_s: float = 180
             buffer = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        memoryview(buffer)[PIDS:PIDS + 8 * world_size].cast("q")[rank] = os.getpid()
+        pid_slots(buffer, world_size)[rank] = os.getpid()
         torch_dist.barrier()  # every rank has mapped it, and written its pid
     finally:
         if created is not None:  # also when anything above failed

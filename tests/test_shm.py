@@ -45,8 +45,6 @@ def test_not_used_when_shared_memory_is_short(monkeypatch):
 def sums_worker(out: str) -> None:
     """On every rank: sums of tensors of several sizes over many calls (both halves, sizes up to the
     capacity), every rank's result written out to be compared bit for bit; all-to-alls; bad calls."""
-    import torch
-
     from dlrm import dist
 
     info = dist.launcher_env()
@@ -105,10 +103,6 @@ def test_ranks_get_the_same_exact_sums_exchange_segments_and_leave_no_file(tmp_p
 def absent_peer_worker(out: str) -> None:
     """Rank 0 sums; rank 1 leaves instead (exit status 0: mpiexec lets rank 0 run on): rank 0 must
     notice that rank 1's process is gone, long before its timeout, and say so."""
-    import time
-
-    import torch
-
     from dlrm import dist
 
     info = dist.launcher_env()
@@ -132,7 +126,7 @@ def test_a_rank_whose_peer_left_stops_with_its_number(tmp_path):
 def lone_group(peer_pid: int, timeout_s: float) -> shm.SharedMemoryGroup:
     """Rank 0 of a 2-rank group in anonymous memory whose rank 1 (process ``peer_pid``) never posts."""
     buffer = mmap.mmap(-1, shm.file_bytes(2, 4))
-    memoryview(buffer)[shm.PIDS:shm.PIDS + 16].cast("q")[1] = peer_pid
+    shm.pid_slots(buffer, 2)[1] = peer_pid
     return shm.SharedMemoryGroup(buffer, rank=0, world_size=2, capacity=4, timeout_s=timeout_s)
 
 
