@@ -2,8 +2,12 @@
  * See dlrm/interaction_kernel.py (which compiles and calls this) and dlrm/model.py (the math).
  *
  * A sample's F feature vectors (the bottom MLP's output, then one per table, in the order of T)
- * are read where they lie: vector f of sample b starts at base[f] + b * stride[f] (floats), so
- * the lookups' blocks are never concatenated into T. All tensors are float32.
+ * are read where they lie, so the lookups' blocks are never concatenated into T: vector f of
+ * sample b starts at base[f] + i * stride[f] (floats), where i is b for a tensor of vectors
+ * (index[f] NULL), or, for a table read in place, the row index[f][b * index_stride[f]] of the
+ * table (rows[f] rows) starting at base[f]: the lookup itself is fused in, and backward adds the
+ * gradient to the table's gradient rows instead of writing a vector per sample. All tensors are
+ * float32, indices int64.
  */
 #include <stdint.h>
 #include <string.h>
@@ -119,14 +123,34 @@ static inline void pair_dots(int64_t dim, int64_t pairs, const float *const *row
     }
 }
 
+/* Which row i of its tensor or table vector f of sample b is (see the top of the file), and where it
+ * starts: base[f] + i * stride[f]. Returns 0, or -1 when a table row is out of range (the caller
+ * raises; nothing is read there). */
+static inline int locate(int64_t b, int64_t features, const float *const *base, const int64_t *stride,
+                         const int64_t *const *index, const int64_t *index_stride, const int64_t *rows,
+                         int64_t *at, const float **row) {
+    for (int64_t f = 0; f < features; f++) {
+        int64_t i = b;
+        if (index[f] != NULL) {
+            i = index[f][b * index_stride[f]];
+            if (i < 0 || i >= rows[f]) return -1;
+        }
+        at[f] = i;
+        row[f] = base[f] + i * stride[f];
+    }
+    return 0;
+}
+
 /* Rows [start, stop) of the output [batch, width]: the bottom vector, the pairs' dot products,
- * then zeros up to width. */
-void interaction_forward(int64_t start, int64_t stop, int64_t dim, int64_t features, const float *const *base,
-                         const int64_t *stride, int64_t pairs, const int32_t *first, const int32_t *second,
-                         float *out, int64_t width) {
+ * then zeros up to width. Returns 0, or -1 - b for the first sample b naming a row out of range. */
+int64_t interaction_forward(int64_t start, int64_t stop, int64_t dim, int64_t features, const float *const *base,
+                            const int64_t *stride, const int64_t *const *index, const int64_t *index_stride,
+                            const int64_t *rows, int64_t pairs, const int32_t *first, const int32_t *second,
+                            float *out, int64_t width) {
     const float *row[features];
+    int64_t at[features];
     for (int64_t b = start; b < stop; b++) {
-        for (int64_t f = 0; f < features; f++) row[f] = base[f] + b * stride[f];
+        if (locate(b, features, base, stride, index, index_stride, rows, at, row) != 0) return -1 - b;
         float *o = out + b * width;
         memcpy(o, row[0], dim * sizeof(float));
         /* A constant dim lets the compiler unroll the dot products completely. */
@@ -136,16 +160,18 @@ void interaction_forward(int64_t start, int64_t stop, int64_t dim, int64_t featu
         else pair_dots(dim, pairs, row, first, second, o + dim);
         memset(o + dim + pairs, 0, (width - dim - pairs) * sizeof(float));
     }
+    return 0;
 }
 
 /* grad[f][k..k+vecs*LANES) = sum over o of S[f][o] * row[o][k..k+vecs*LANES) for the features f
- * in [first, first + count), count <= rows (S has zero rows past the features). A rows x vecs tile
+ * in [first, first + count), count <= rows (S has zero rows past the features); added to what
+ * grad[f] holds where add[f] (a table's gradient row). A rows x vecs tile
  * of accumulators stays in registers: each vector loaded feeds `rows` multiply-adds and each S
  * entry broadcast feeds `vecs`. Called with constant rows and vecs, so the loops unroll. */
 static inline __attribute__((always_inline)) void gradient_tile(int64_t features, const float *const *row,
                                                                 const float *S, int64_t first, int64_t count,
-                                                                int64_t k, float *const *grad_row, const int rows,
-                                                                const int vecs) {
+                                                                int64_t k, float *const *grad_row, const char *add,
+                                                                const int rows, const int vecs) {
     vec acc[TILE_ROWS][TILE_VECS] = {{0}};
     for (int64_t o = 0; o < features; o++) {
         vec v[TILE_VECS];
@@ -155,62 +181,72 @@ static inline __attribute__((always_inline)) void gradient_tile(int64_t features
             for (int j = 0; j < vecs; j++) acc[r][j] += s * v[j];
         }
     }
-    for (int64_t r = 0; r < count; r++)
-        for (int j = 0; j < vecs; j++) store(grad_row[first + r] + k + j * LANES, acc[r][j]);
+    for (int64_t r = 0; r < count; r++) {
+        float *g = grad_row[first + r] + k;
+        if (add[first + r])
+            for (int j = 0; j < vecs; j++) store(g + j * LANES, load(g + j * LANES) + acc[r][j]);
+        else
+            for (int j = 0; j < vecs; j++) store(g + j * LANES, acc[r][j]);
+    }
 }
 
 /* gradient_tile over all the features, for the columns [k, k + vecs * LANES) (vecs: 1 or TILE_VECS). */
 static inline void gradient_columns(int64_t features, const float *const *row, const float *S, int64_t k,
-                                    float *const *grad_row, int vecs) {
+                                    float *const *grad_row, const char *add, int vecs) {
     for (int64_t f = 0; f < features; f += TILE_ROWS) {
         const int64_t count = features - f < TILE_ROWS ? features - f : TILE_ROWS;
         /* A last group of at most half a tile runs a half tile (27 features: 4 x 6 + 3). */
         if (vecs == TILE_VECS) {
-            if (count > TILE_ROWS / 2) gradient_tile(features, row, S, f, count, k, grad_row, TILE_ROWS, TILE_VECS);
-            else gradient_tile(features, row, S, f, count, k, grad_row, TILE_ROWS / 2, TILE_VECS);
+            if (count > TILE_ROWS / 2) gradient_tile(features, row, S, f, count, k, grad_row, add, TILE_ROWS, TILE_VECS);
+            else gradient_tile(features, row, S, f, count, k, grad_row, add, TILE_ROWS / 2, TILE_VECS);
         } else {
-            if (count > TILE_ROWS / 2) gradient_tile(features, row, S, f, count, k, grad_row, TILE_ROWS, 1);
-            else gradient_tile(features, row, S, f, count, k, grad_row, TILE_ROWS / 2, 1);
+            if (count > TILE_ROWS / 2) gradient_tile(features, row, S, f, count, k, grad_row, add, TILE_ROWS, 1);
+            else gradient_tile(features, row, S, f, count, k, grad_row, add, TILE_ROWS / 2, 1);
         }
     }
 }
 
 /* The same for one column k, for the columns past the last multiple of LANES. */
 static inline void gradient_column(int64_t features, const float *const *row, const float *S, int64_t k,
-                                   float *const *grad_row) {
+                                   float *const *grad_row, const char *add) {
     for (int64_t f = 0; f < features; f++) {
         float sum = 0.0f;
         for (int64_t o = 0; o < features; o++) sum += S[f * features + o] * row[o][k];
-        grad_row[f][k] = sum;
+        grad_row[f][k] = add[f] ? grad_row[f][k] + sum : sum;
     }
 }
 
-/* Rows [start, stop) of every vector's gradient, written to grad_base[f] + b * grad_stride[f].
- * Z = T Tᵀ is symmetric, so dT = S T with S = dZ + dZᵀ: S[f][o] is the gradient of the pair
- * (f, o) (symmetric[f * features + o] is its column among the pairs; the diagonal's is `pairs`,
- * a zero). The bottom vector also gets the gradient of its copy at the front of the output. */
-void interaction_backward(int64_t start, int64_t stop, int64_t dim, int64_t features, const float *const *base,
-                          const int64_t *stride, int64_t pairs, const int32_t *symmetric, const float *grad_out,
-                          int64_t width, float *const *grad_base, const int64_t *grad_stride) {
+/* Rows [start, stop) of every vector's gradient, at grad_base[f] + i * grad_stride[f] (i as for the
+ * vector: a table's gradient rows are added to, in sample order, so a row many samples share sums
+ * their gradients as index_add would). Z = T Tᵀ is symmetric, so dT = S T with S = dZ + dZᵀ:
+ * S[f][o] is the gradient of the pair (f, o) (symmetric[f * features + o] is its column among the
+ * pairs; the diagonal's is `pairs`, a zero). The bottom vector also gets the gradient of its copy
+ * at the front of the output. Returns 0, or -1 - b as forward (rows before b are done). */
+int64_t interaction_backward(int64_t start, int64_t stop, int64_t dim, int64_t features, const float *const *base,
+                             const int64_t *stride, const int64_t *const *index, const int64_t *index_stride,
+                             const int64_t *rows, int64_t pairs, const int32_t *symmetric, const float *grad_out,
+                             int64_t width, float *const *grad_base, const int64_t *grad_stride) {
     const float *row[features];
     float *grad_row[features];
+    int64_t at[features];
+    char add[features];
+    for (int64_t f = 0; f < features; f++) add[f] = index[f] != NULL;
     const int64_t padded = (features + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     float S[padded * features];
     memset(S, 0, sizeof S);
     float g[pairs + 1];
     g[pairs] = 0.0f;
     for (int64_t b = start; b < stop; b++) {
-        for (int64_t f = 0; f < features; f++) {
-            row[f] = base[f] + b * stride[f];
-            grad_row[f] = grad_base[f] + b * grad_stride[f];
-        }
+        if (locate(b, features, base, stride, index, index_stride, rows, at, row) != 0) return -1 - b;
+        for (int64_t f = 0; f < features; f++) grad_row[f] = grad_base[f] + at[f] * grad_stride[f];
         const float *go = grad_out + b * width;
         memcpy(g, go + dim, pairs * sizeof(float));
         for (int64_t i = 0; i < features * features; i++) S[i] = g[symmetric[i]];
         int64_t k = 0;
-        for (; k + TILE_VECS * LANES <= dim; k += TILE_VECS * LANES) gradient_columns(features, row, S, k, grad_row, TILE_VECS);
-        for (; k + LANES <= dim; k += LANES) gradient_columns(features, row, S, k, grad_row, 1);
-        for (; k < dim; k++) gradient_column(features, row, S, k, grad_row);
+        for (; k + TILE_VECS * LANES <= dim; k += TILE_VECS * LANES) gradient_columns(features, row, S, k, grad_row, add, TILE_VECS);
+        for (; k + LANES <= dim; k += LANES) gradient_columns(features, row, S, k, grad_row, add, 1);
+        for (; k < dim; k++) gradient_column(features, row, S, k, grad_row, add);
         for (int64_t k = 0; k < dim; k++) grad_row[0][k] += go[k];
     }
+    return 0;
 }

@@ -7,6 +7,11 @@ matmuls at a third of the GEMM rate because each pass streams T from memory. The
 takes one sample at a time while its vectors are in L1: the pairs' dot products straight
 into the top MLP's input, and backward dT = S T with S gathered per sample, writing each
 block's gradient contiguous (no copies before the lookups' backward or the all-to-all).
+Tables it can read in place (a ``Lookup``: the weight and the batch's ids) are not gathered
+first at all: the kernel reads each sample's rows from the weight, and backward adds their
+gradients to a dense gradient of the weight. That is the small replicated tables in training
+(a small-profile step no longer makes the [B, 20, d] lookup, its gradient and the index_add
+scattering it) and every table at inference.
 
 It computes in fp32 also in bf16 training (the bottom MLP's bf16 output is widened; the
 products of bf16 values are exact in fp32), where it replaces a bf16 batched matmul.
@@ -21,7 +26,9 @@ import ctypes
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,15 +40,37 @@ COMPILE_TIMEOUT = 120  # seconds; it takes ~0.3
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """n tables' vectors for a batch, not gathered yet: sample b's vector of the j-th table is row
+    ids[b, j] of that table, which is rows offsets[j] .. offsets[j] + rows[j] of ``weight`` [sum, d].
+    ``gather()`` makes the [B, n, d] tensor (with the gradient the tables' module gives it); the
+    kernel reads the rows in place instead."""
+
+    weight: torch.Tensor
+    offsets: tuple[int, ...]
+    rows: tuple[int, ...]
+    ids: torch.Tensor  # int64 [B, n]
+    gather: Callable[[], torch.Tensor]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.ids.shape[0], self.ids.shape[1], self.weight.shape[1]
+
+
+Block = torch.Tensor | Lookup  # vectors [B, n, d], or where to read them
+
+
 class InteractionKernel:
     """The compiled kernel's two functions on tensors. Batches are split over torch's thread
     count, one slice per thread (ctypes releases the GIL during a call)."""
 
     def __init__(self, library: ctypes.CDLL):
         self._forward, self._backward = library.interaction_forward, library.interaction_backward
-        self._forward.argtypes = [_i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64]
-        self._backward.argtypes = [_i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr]
-        self._forward.restype = self._backward.restype = None
+        self._forward.argtypes = [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64]
+        self._backward.argtypes = [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr,
+                                   _ptr]
+        self._forward.restype = self._backward.restype = _i64
         self._pool: ThreadPoolExecutor | None = None
         self._pool_threads = 0
 
@@ -49,35 +78,46 @@ class InteractionKernel:
         return self  # stateless code: a copied model (e.g. by IPEX's optimize) shares it
 
     def forward(self, first: torch.Tensor, second: torch.Tensor, width: int, bottom: torch.Tensor,
-                blocks: list[torch.Tensor]) -> torch.Tensor:
+                blocks: list[Block]) -> torch.Tensor:
         """[B, width]: bottom, then <T_first[p], T_second[p]> for each pair p (int32 positions in
         T = cat(bottom, *blocks)), then zeros. The inputs must be ``readable``."""
         batch, dim = bottom.shape
         out = bottom.new_empty(batch, width)
-        base, stride = _vectors([bottom, *blocks])
-        self._run(batch, lambda start, stop: self._forward(
-            start, stop, dim, len(base), base, stride, len(first), first.data_ptr(), second.data_ptr(),
-            out.data_ptr(), width))
+        vectors = _Vectors([bottom, *blocks])
+        self._run(batch, lambda start, stop, thread=0: _check(self._forward(
+            start, stop, dim, vectors.count, *vectors.sources(), len(first), first.data_ptr(), second.data_ptr(),
+            out.data_ptr(), width)))
         return out
 
     def backward(self, symmetric: torch.Tensor, pairs: int, grad: torch.Tensor, bottom: torch.Tensor,
-                 blocks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The gradients of bottom and of each block (new contiguous tensors) from the output's
-        gradient ``grad`` [B, width]; ``symmetric`` [F * F] int32: the column among the pairs of
-        pair (f, o)'s gradient, ``pairs`` on the diagonal (see dlrm.model._Layout)."""
+                 blocks: list[Block]) -> list[torch.Tensor]:
+        """The gradients of bottom and of each block from the output's gradient ``grad`` [B, width]:
+        new contiguous tensors, and for a Lookup the dense gradient of its weight; ``symmetric``
+        [F * F] int32: the column among the pairs of pair (f, o)'s gradient, ``pairs`` on the
+        diagonal (see dlrm.model._Layout)."""
         batch, dim = bottom.shape
         grad = grad.contiguous()
-        grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in [bottom, *blocks]]
-        base, stride = _vectors([bottom, *blocks])
-        grad_base, grad_stride = _vectors(grads)
-        self._run(batch, lambda start, stop: self._backward(
-            start, stop, dim, len(base), base, stride, pairs, symmetric.data_ptr(), grad.data_ptr(),
-            grad.shape[1], grad_base, grad_stride))
-        return grads
+        inputs = [bottom, *blocks]
+        threads = self._threads(batch)
+        # Samples of different threads may share a Lookup's rows: each thread adds to its own copy of
+        # the weight's gradient, and the copies are summed at the end.
+        grads = [torch.zeros(threads, *t.weight.shape) if isinstance(t, Lookup)
+                 else torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
+        vectors = _Vectors(inputs)
+        destinations = [_Vectors([replace(t, weight=g[i]) if isinstance(t, Lookup) else g for t, g in zip(inputs, grads)])
+                        for i in range(threads)]
+        self._run(batch, lambda start, stop, thread=0: _check(self._backward(
+            start, stop, dim, vectors.count, *vectors.sources(), pairs, symmetric.data_ptr(), grad.data_ptr(),
+            grad.shape[1], destinations[thread].base, destinations[thread].stride)))
+        return [(g[0] if threads == 1 else g.sum(0)) if isinstance(t, Lookup) else g for t, g in zip(inputs, grads)]
 
-    def _run(self, batch: int, call) -> None:
-        threads = min(torch.get_num_threads(), batch)
-        if threads <= 1:
+    def _threads(self, batch: int) -> int:
+        return max(1, min(torch.get_num_threads(), batch))
+
+    def _run(self, batch: int, call: Callable[..., None]) -> None:
+        """call(start, stop, thread=i) for the i-th of the slices the batch is split into, one per thread."""
+        threads = self._threads(batch)
+        if threads == 1:
             call(0, batch)
             return
         if self._pool_threads != threads:
@@ -86,30 +126,65 @@ class InteractionKernel:
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="interaction")
             self._pool_threads = threads
         bounds = [batch * i // threads for i in range(threads + 1)]
-        for future in [self._pool.submit(call, a, b) for a, b in zip(bounds, bounds[1:])]:
+        for future in [self._pool.submit(call, a, b, thread=i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]:
             future.result()
 
 
-def readable(bottom: torch.Tensor, blocks: list[torch.Tensor]) -> bool:
-    """Whether the kernel can read these inputs in place: bottom [B, d] and blocks [B, n_i, d],
-    float32 on the CPU, each vector's d floats contiguous (the C code trusts the shapes)."""
+def _check(code: int) -> None:
+    """The kernel's return code: -1 - b when sample b names a table row out of range."""
+    if code < 0:
+        raise IndexError(f"sample {-1 - code} of the batch names a table row out of range: "
+                         "the ids must be table-local rows (check the data against its vocabularies)")
+
+
+def readable(bottom: torch.Tensor, blocks: list[Block]) -> bool:
+    """Whether the kernel can read these inputs in place: bottom [B, d] and blocks [B, n_i, d] or
+    Lookups of [B, n_i] int64 ids into [rows, d] weights, float32 on the CPU, each vector's d floats
+    contiguous (the C code trusts the shapes)."""
     if bottom.dim() != 2:
         return False
     batch, dim = bottom.shape
+    floats = [bottom, *(b.weight if isinstance(b, Lookup) else b for b in blocks)]
+    lookups = [b for b in blocks if isinstance(b, Lookup)]
     return all(t.device.type == "cpu" and t.layout == torch.strided and t.dtype == torch.float32
-               and t.stride(-1) == 1 for t in [bottom, *blocks]) \
-        and all(b.dim() == 3 and b.shape[0] == batch and b.shape[2] == dim and b.stride(1) == dim for b in blocks)
+               and t.stride(-1) == 1 for t in floats) \
+        and all(b.dim() == 3 and b.shape[0] == batch and b.shape[2] == dim and b.stride(1) == dim
+                for b in blocks if not isinstance(b, Lookup)) \
+        and all(b.weight.dim() == 2 and b.weight.shape[1] == dim and b.ids.dtype == torch.int64
+                and b.ids.device.type == "cpu" and b.ids.dim() == 2 and b.ids.shape == (batch, len(b.offsets))
+                for b in lookups)
 
 
-def _vectors(tensors: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
-    """Where vector f of sample b starts (base[f] + b * stride[f], in floats) for the vectors of
-    ``tensors`` ([B, d], or [B, n, d] for n vectors) in order."""
-    base, stride = [], []
-    for t in tensors:
-        for j in range(1 if t.dim() == 2 else t.shape[1]):
-            base.append(t.data_ptr() + 4 * j * (t.stride(1) if t.dim() == 3 else 0))
-            stride.append(t.stride(0))
-    return (ctypes.c_void_p * len(base))(*base), (ctypes.c_int64 * len(stride))(*stride)
+class _Vectors:
+    """Where the kernel finds vector f of sample b (see interaction.c), as its C arrays: base[f] and
+    stride[f] (in floats); for a Lookup's tables index[f] (its ids' column), index_stride[f] and rows[f]."""
+
+    def __init__(self, blocks: list[Block]):
+        base, stride, index, index_stride, rows = [], [], [], [], []
+        for t in blocks:
+            if isinstance(t, Lookup):
+                for j, (offset, count) in enumerate(zip(t.offsets, t.rows)):
+                    base.append(t.weight.data_ptr() + 4 * offset * t.weight.stride(0))
+                    stride.append(t.weight.stride(0))
+                    index.append(t.ids.data_ptr() + 8 * j * t.ids.stride(1))
+                    index_stride.append(t.ids.stride(0))
+                    rows.append(count)
+            else:
+                for j in range(1 if t.dim() == 2 else t.shape[1]):
+                    base.append(t.data_ptr() + 4 * j * (t.stride(1) if t.dim() == 3 else 0))
+                    stride.append(t.stride(0))
+                    index.append(None)
+                    index_stride.append(0)
+                    rows.append(0)
+        self.count = len(base)
+        self.base = (ctypes.c_void_p * self.count)(*base)
+        self.stride = (ctypes.c_int64 * self.count)(*stride)
+        self.index = (ctypes.c_void_p * self.count)(*index)
+        self.index_stride = (ctypes.c_int64 * self.count)(*index_stride)
+        self.rows = (ctypes.c_int64 * self.count)(*rows)
+
+    def sources(self) -> tuple[ctypes.Array, ...]:
+        return self.base, self.stride, self.index, self.index_stride, self.rows
 
 
 def load(compiler: str | None = None, march: str = "native") -> tuple[InteractionKernel | None, str]:

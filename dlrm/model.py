@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from bench.config import NUM_DENSE, ModelConfig
 from dlrm import interaction_kernel
-from dlrm.interaction_kernel import InteractionKernel
+from dlrm.interaction_kernel import Block, InteractionKernel, Lookup
 
 
 def mlp(in_features: int, sizes: list[int], relu_last: bool) -> nn.Sequential:
@@ -66,6 +66,7 @@ class EmbeddingTables(nn.Module):
         self.weight = nn.Parameter(torch.empty(sum(rows), dim))
         self.register_buffer("offsets", torch.tensor([0, *rows], dtype=torch.int64).cumsum(0)[:-1],
                              persistent=False)
+        self.row_offsets = tuple(self.offsets.tolist())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids int64 [B, len(tables)] (table-local row numbers) -> vectors [B, len(tables), d]."""
@@ -73,10 +74,18 @@ class EmbeddingTables(nn.Module):
         lookup = F.embedding(rows, self.weight, sparse=True) if self.sparse else DenseGradLookup.apply(self.weight, rows)
         return lookup.view(*ids.shape, self.weight.shape[1])
 
-    def start(self, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def deferred(self, ids: torch.Tensor) -> Block:
+        """``forward``'s vectors as a Lookup, which the compiled interaction reads in place (and whose
+        gradient it adds to a dense gradient of the weight), or gathers when it cannot; the vectors
+        themselves when the gradient must be sparse."""
+        if self.sparse and self.weight.requires_grad and torch.is_grad_enabled():
+            return self(ids)
+        return Lookup(self.weight, self.row_offsets, tuple(self.rows), ids, lambda: self(ids))
+
+    def start(self, ids: torch.Tensor) -> Callable[[], list[Block]]:
         """``forward`` in two halves, as ShardedEmbeddings has them (DLRM.forward runs its bottom MLP in
-        between): here the lookup is done at once and the function returned gives its result."""
-        looked_up = self(ids)
+        between): here nothing needs to wait, and the function returned gives the ``deferred`` vectors."""
+        looked_up = [self.deferred(ids)]
         return lambda: looked_up
 
     def table(self, i: int) -> torch.Tensor:
@@ -176,22 +185,26 @@ class DotInteraction(torch.autograd.Function):
 
 class FusedDotInteraction(torch.autograd.Function):
     """DotInteraction's function computed by dlrm.interaction_kernel: the same features, forward
-    and backward, from the vectors where they lie (in fp32)."""
+    and backward, from the vectors where they lie (in fp32), reading a Lookup's rows from its
+    weight. ``blocks`` holds the embedded blocks and Lookups; ``tensors`` are, in the same order,
+    the blocks and the Lookups' weights, whose gradients backward returns."""
 
     @staticmethod
-    def forward(ctx, kernel: InteractionKernel, layout: _Layout, width: int, bottom: torch.Tensor,
-                *embedded: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(bottom, *embedded)
+    def forward(ctx, kernel: InteractionKernel, layout: _Layout, width: int, blocks: list[Block],
+                bottom: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(bottom, *tensors)
         ctx.kernel, ctx.layout = kernel, layout
-        return kernel.forward(layout.first, layout.second, width, bottom, list(embedded))
+        ctx.lookups = [b if isinstance(b, Lookup) else None for b in blocks]  # (their ids)
+        return kernel.forward(layout.first, layout.second, width, bottom, blocks)
 
     @staticmethod
     @once_differentiable  # the kernel's gradient has no graph of its own
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        bottom, *embedded = ctx.saved_tensors
+        bottom, *tensors = ctx.saved_tensors
         layout: _Layout = ctx.layout
-        grads = ctx.kernel.backward(layout.symmetric32, len(layout.pairs), grad, bottom, embedded)
-        return None, None, None, *grads
+        blocks = [t if lookup is None else lookup for t, lookup in zip(tensors, ctx.lookups)]
+        grads = ctx.kernel.backward(layout.symmetric32, len(layout.pairs), grad, bottom, blocks)
+        return None, None, None, None, *grads
 
 
 def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -208,16 +221,16 @@ def _pairs(tables: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor([position[i] * len(position) + position[j] for i, j in zip(rows.tolist(), cols.tolist())])
 
 
-def dot_interaction(bottom: torch.Tensor, embedded: torch.Tensor | list[torch.Tensor],
+def dot_interaction(bottom: torch.Tensor, embedded: torch.Tensor | list[Block],
                     tables: list[int] | None = None, width: int | None = None,
                     kernel: InteractionKernel | None = None) -> torch.Tensor:
-    """bottom [B, d], embedded [B, 26, d] (or blocks [B, n_i, d] that together make it)
-    -> [B, d + 27*26/2] (see the module docstring), or [B, width] ending in zero columns.
+    """bottom [B, d], embedded [B, 26, d] (or blocks [B, n_i, d] that together make it, or Lookups
+    of them) -> [B, d + 27*26/2] (see the module docstring), or [B, width] ending in zero columns.
 
     ``tables``: which table each of embedded's vectors belongs to (None: vector t is table t's);
     the output's pairs are in table order either way, so no vectors need to be moved.
     ``kernel``: computed by it (FusedDotInteraction, in fp32 also under bf16 autocast) when it can
-    read the vectors in place (``interaction_kernel.readable``).
+    read the vectors in place (``interaction_kernel.readable``); otherwise Lookups are gathered.
     """
     blocks = [embedded] if isinstance(embedded, torch.Tensor) else embedded
     vectors = sum(b.shape[1] for b in blocks)
@@ -231,8 +244,10 @@ def dot_interaction(bottom: torch.Tensor, embedded: torch.Tensor | list[torch.Te
         # Under bf16 autocast the bottom MLP's output is bf16: the kernel's fp32 products are exact for it.
         wide = bottom.float() if bottom.dtype == torch.bfloat16 else bottom
         if interaction_kernel.readable(wide, blocks):
-            return FusedDotInteraction.apply(kernel, _layout(order), width or size, wide, *blocks)
-    return DotInteraction.apply(_layout(order), width or size, bottom, *blocks)
+            tensors = [b.weight if isinstance(b, Lookup) else b for b in blocks]
+            return FusedDotInteraction.apply(kernel, _layout(order), width or size, blocks, wide, *tensors)
+    gathered = [b.gather() if isinstance(b, Lookup) else b for b in blocks]
+    return DotInteraction.apply(_layout(order), width or size, bottom, *gathered)
 
 
 def interaction_size(num_sparse: int, dim: int) -> int:

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from dlrm.interaction_kernel import Block, Lookup
 from dlrm.model import EmbeddingTables
 from dlrm.shm import SharedMemoryGroup
 
@@ -228,21 +229,20 @@ class ShardedEmbeddings(nn.Module):
 
     def forward(self, ids: ShardedIds) -> list[torch.Tensor]:
         """[b, n, d] from the replicated tables, then (if any are sharded) [b, k_r, d] from each owner r."""
-        return self.start(ids)()
+        return [b.gather() if isinstance(b, Lookup) else b for b in self.start(ids)()]
 
-    def start(self, ids: ShardedIds) -> Callable[[], list[torch.Tensor]]:
+    def start(self, ids: ShardedIds) -> Callable[[], list[Block]]:
         """``forward`` in two halves: look up and start the exchange; the function returned waits for it
         and returns forward's blocks (DLRM runs its bottom MLP in between)."""
+        # The replicated tables' vectors are read where they are (EmbeddingTables.deferred).
+        replicated = self.replicated.deferred(ids.replicated)
         if not self.plan.any_sharded:
-            parts = [self.replicated(ids.replicated)]
-            return lambda: parts
+            return lambda: [replicated]
         looked_up = self.local(ids.owned)
         if self.plan.world_size == 1:
-            parts = [self.replicated(ids.replicated), looked_up]
-            return lambda: parts
+            return lambda: [replicated, looked_up]
         exchange = Exchange(ids.batch_sizes, self.tables_per_rank, self.rank, self.shared)
         received = exchange.start(looked_up)
-        replicated = self.replicated(ids.replicated)  # while the vectors travel
         return lambda: [replicated, *exchange.finish(received)]
 
     def reduce_sparse_gradients(self) -> None:

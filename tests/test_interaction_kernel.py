@@ -9,7 +9,8 @@ import torch
 
 from bench.config import NUM_SPARSE, ModelConfig
 from dlrm import interaction_kernel
-from dlrm.model import DLRM, dot_interaction, interaction_size, top_input_size
+from dlrm.interaction_kernel import Lookup
+from dlrm.model import DLRM, EmbeddingTables, dot_interaction, interaction_size, top_input_size
 
 COMPILER = shutil.which("cc") or shutil.which("gcc")
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C compiler (cc or gcc) here")
@@ -121,6 +122,87 @@ def test_kernel_reads_strided_inputs_in_place_and_splits_the_batch_over_threads(
         torch.testing.assert_close(g, w)
 
 
+def small_tables(dim: int, sparse: bool = False) -> tuple[EmbeddingTables, torch.Tensor]:
+    """Tables 0, 2, 5 of 3, 40 and 9 rows and a batch of 11 samples' ids, many repeated (table 0
+    has 3 rows), taken as a column slice of a wider ids tensor as the loader's batches are."""
+    torch.manual_seed(1)
+    tables = EmbeddingTables([0, 2, 5], [3, 40, 9], dim, sparse=sparse)
+    tables.reset_parameters(list(range(NUM_SPARSE)))
+    wide = torch.stack([torch.randint(0, rows, (11,)) for rows in (7, 3, 40, 9)], dim=1)
+    return tables, wide[:, 1:]
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dim", [16, 20])
+def test_tables_read_in_place_give_the_gathered_tables_features_and_gradients(kernel, threads, dim):
+    """A Lookup's rows are read from the weight and its gradient added to a dense gradient of the
+    weight: the same as gathering the vectors and scattering their gradients (ids repeat, so rows
+    sum several samples' gradients, also across the threads' slices of the batch)."""
+    tables, ids = small_tables(dim)
+    assert not ids.is_contiguous()
+    generator = torch.Generator().manual_seed(2)
+    bottom = torch.randn(11, dim, generator=generator, requires_grad=True)
+    other = torch.randn(11, 23, dim, generator=generator, requires_grad=True)
+    order = [0, 2, 5, *[t for t in range(NUM_SPARSE) if t not in (0, 2, 5)]]
+    width = top_input_size(NUM_SPARSE, dim)
+    grad = torch.randn(11, width, generator=generator)
+    expected = dot_interaction(bottom, [tables(ids), other], order, width)
+    want = torch.autograd.grad(expected, [bottom, other, tables.weight], grad)
+    lookup = tables.deferred(ids)
+    assert isinstance(lookup, Lookup) and lookup.shape == (11, 3, dim)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        result = dot_interaction(bottom, [lookup, other], order, width, kernel)
+        got = torch.autograd.grad(result, [bottom, other, tables.weight], grad)
+    finally:
+        torch.set_num_threads(previous)
+    assert result.grad_fn.name() == "FusedDotInteractionBackward"
+    torch.testing.assert_close(result, expected)
+    for g, w in zip(got, want):
+        assert g.layout == torch.strided and g.shape == w.shape
+        torch.testing.assert_close(g, w)
+    never_looked_up = sorted(set(range(3, 43)) - set((ids[:, 1] + 3).tolist()))
+    assert never_looked_up and torch.count_nonzero(got[2][never_looked_up]) == 0
+
+
+@needs_compiler
+def test_a_table_row_out_of_range_is_an_index_error_not_a_wild_read(kernel):
+    tables, ids = small_tables(16)
+    bad = ids.clone()
+    bad[7, 1] = 40  # table 2 has rows 0..39
+    bottom, other = torch.randn(11, 16), torch.randn(11, 23, 16)
+    with pytest.raises(IndexError, match="sample 7 of the batch names a table row out of range"):
+        dot_interaction(bottom, [tables.deferred(bad), other], kernel=kernel)
+    bad[7, 1] = -1
+    with pytest.raises(IndexError, match="sample 7"):
+        dot_interaction(bottom, [tables.deferred(bad), other], kernel=kernel)
+
+
+def test_tables_with_sparse_gradients_are_gathered_while_training_and_read_in_place_otherwise():
+    """A Lookup's gradient is dense: tables training with sparse gradients hand over their vectors."""
+    tables, ids = small_tables(16, sparse=True)
+    assert isinstance(tables.deferred(ids), torch.Tensor)
+    with torch.no_grad():
+        assert isinstance(tables.deferred(ids), Lookup)
+    dense, _ = small_tables(16, sparse=False)
+    lookup = dense.deferred(ids)
+    assert isinstance(lookup, Lookup) and lookup.offsets == (0, 3, 43) and lookup.rows == (3, 40, 9)
+    torch.testing.assert_close(lookup.gather(), dense(ids))
+
+
+@needs_compiler
+def test_lookups_the_kernel_cannot_read_are_gathered(kernel):
+    tables, ids = small_tables(16)
+    bottom, other = torch.randn(11, 16), torch.randn(11, 23, 16)
+    for unreadable in (tables.deferred(ids.int()), tables.deferred(ids[:5])):
+        assert not interaction_kernel.readable(bottom, [unreadable, other])
+    result = dot_interaction(bottom, [tables.deferred(ids.int()), other], kernel=kernel)
+    assert result.grad_fn.name() == "DotInteractionBackward"
+    torch.testing.assert_close(result, dot_interaction(bottom, [tables(ids), other]))
+
+
 @needs_compiler
 def test_inputs_the_kernel_cannot_read_take_the_pytorch_path(kernel):
     bottom, blocks, order = sharded_inputs(4, 8)
@@ -171,6 +253,10 @@ def test_model_with_the_kernel_computes_the_same_logits_and_gradients(kernel):
         logit.sum().backward()
     for plain, fused in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(fused.grad.to_dense(), plain.grad.to_dense())
+    # At inference the kernel reads every table's rows in place (no [B, 26, d] lookup).
+    with torch.inference_mode():
+        assert isinstance(models[1].embeddings.deferred(ids), Lookup)
+        torch.testing.assert_close(models[1](dense, ids), models[0](dense, ids))
 
 
 def test_no_compiler_means_no_kernel_and_says_why(tmp_path):
