@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -126,7 +126,11 @@ class InteractionKernel:
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="interaction")
             self._pool_threads = threads
         bounds = [batch * i // threads for i in range(threads + 1)]
-        for future in [self._pool.submit(call, a, b, thread=i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]:
+        futures = [self._pool.submit(call, a, b, thread=i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        # Every slice must be done before anything is raised: the C code writes through raw pointers into
+        # tensors the caller could free once an error reaches it.
+        wait(futures)
+        for future in futures:
             future.result()
 
 
@@ -152,6 +156,7 @@ def readable(bottom: torch.Tensor, blocks: list[Block]) -> bool:
                 for b in blocks if not isinstance(b, Lookup)) \
         and all(b.weight.dim() == 2 and b.weight.shape[1] == dim and b.ids.dtype == torch.int64
                 and b.ids.device.type == "cpu" and b.ids.dim() == 2 and b.ids.shape == (batch, len(b.offsets))
+                and len(b.rows) == len(b.offsets) and all(o + r <= b.weight.shape[0] for o, r in zip(b.offsets, b.rows))
                 for b in lookups)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 from collections.abc import Callable
 
 import torch
@@ -192,17 +193,21 @@ class FusedDotInteraction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel: InteractionKernel, layout: _Layout, width: int, blocks: list[Block],
                 bottom: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(bottom, *tensors)
-        ctx.kernel, ctx.layout = kernel, layout
-        ctx.lookups = [b if isinstance(b, Lookup) else None for b in blocks]  # (their ids)
+        lookups = [b for b in blocks if isinstance(b, Lookup)]
+        # The Lookups' ids are saved too: changed in place before backward, they raise autograd's error.
+        ctx.save_for_backward(bottom, *tensors, *(b.ids for b in lookups))
+        ctx.kernel, ctx.layout, ctx.blocks = kernel, layout, len(blocks)
+        ctx.lookups = [b if isinstance(b, Lookup) else None for b in blocks]
         return kernel.forward(layout.first, layout.second, width, bottom, blocks)
 
     @staticmethod
     @once_differentiable  # the kernel's gradient has no graph of its own
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        bottom, *tensors = ctx.saved_tensors
+        bottom, *saved = ctx.saved_tensors
+        tensors, ids = saved[:ctx.blocks], iter(saved[ctx.blocks:])
         layout: _Layout = ctx.layout
-        blocks = [t if lookup is None else lookup for t, lookup in zip(tensors, ctx.lookups)]
+        blocks = [t if lookup is None else replace(lookup, weight=t, ids=next(ids))
+                  for t, lookup in zip(tensors, ctx.lookups)]
         grads = ctx.kernel.backward(layout.symmetric32, len(layout.pairs), grad, bottom, blocks)
         return None, None, None, None, *grads
 
@@ -243,11 +248,23 @@ def dot_interaction(bottom: torch.Tensor, embedded: torch.Tensor | list[Block],
     if kernel is not None:
         # Under bf16 autocast the bottom MLP's output is bf16: the kernel's fp32 products are exact for it.
         wide = bottom.float() if bottom.dtype == torch.bfloat16 else bottom
+        blocks = [_in_place_or_gathered(b) for b in blocks]
         if interaction_kernel.readable(wide, blocks):
             tensors = [b.weight if isinstance(b, Lookup) else b for b in blocks]
             return FusedDotInteraction.apply(kernel, _layout(order), width or size, blocks, wide, *tensors)
     gathered = [b.gather() if isinstance(b, Lookup) else b for b in blocks]
     return DotInteraction.apply(_layout(order), width or size, bottom, *gathered)
+
+
+def _in_place_or_gathered(block: Block) -> Block:
+    """A Lookup for the kernel to read in place, unless its weight's gradient is wanted and the batch is
+    split over threads that would each add into a copy of that gradient larger than the gathered
+    vectors' (many threads, or tables with more rows than the batch looks up): then the vectors."""
+    if not isinstance(block, Lookup) or not (block.weight.requires_grad and torch.is_grad_enabled()):
+        return block
+    batch, vectors, _ = block.shape
+    threads = min(torch.get_num_threads(), batch)
+    return block if threads == 1 or threads * block.weight.shape[0] <= 2 * batch * vectors else block.gather()
 
 
 def interaction_size(num_sparse: int, dim: int) -> int:

@@ -50,10 +50,15 @@ class SparseAdagrad(torch.optim.Optimizer):
             return
         lr, eps, state = group["lr"], group["eps"], self.state[param]["sum"]
         if not param.grad.is_sparse:  # a small table's dense gradient: untouched rows have 0, stay put
-            # torch's fused Adagrad: one pass instead of four (0.15 against 0.41 ms for 5,647 x 64 on a core).
-            # Without lr decay its step count changes nothing; it counts in a tensor of its own.
-            torch._fused_adagrad_([param], [param.grad], [state], [self.state[param]["step"]], lr=lr, lr_decay=0.0,
-                                  weight_decay=0.0, eps=eps, maximize=False)
+            if param.grad.stride() == param.stride() == state.stride():
+                # torch's fused Adagrad: one pass instead of four (0.15 against 0.41 ms for 5,647 x 64 on a
+                # core). It walks the tensors as flat arrays, hence the same layouts. Without lr decay its
+                # step count changes nothing; it counts in a tensor of its own.
+                torch._fused_adagrad_([param], [param.grad], [state], [self.state[param]["step"]], lr=lr,
+                                      lr_decay=0.0, weight_decay=0.0, eps=eps, maximize=False)
+            else:
+                state.addcmul_(param.grad, param.grad)
+                param.addcdiv_(param.grad, state.sqrt().add_(eps), value=-lr)
             return
         if param.grad._nnz() == 0:
             return

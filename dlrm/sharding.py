@@ -234,15 +234,19 @@ class ShardedEmbeddings(nn.Module):
     def start(self, ids: ShardedIds) -> Callable[[], list[Block]]:
         """``forward`` in two halves: look up and start the exchange; the function returned waits for it
         and returns forward's blocks (DLRM runs its bottom MLP in between)."""
-        # The replicated tables' vectors are read where they are (EmbeddingTables.deferred).
-        replicated = self.replicated.deferred(ids.replicated)
+        # The replicated tables' vectors are mostly read where they are (EmbeddingTables.deferred).
         if not self.plan.any_sharded:
+            replicated = self.replicated.deferred(ids.replicated)
             return lambda: [replicated]
         looked_up = self.local(ids.owned)
         if self.plan.world_size == 1:
+            replicated = self.replicated.deferred(ids.replicated)
             return lambda: [replicated, looked_up]
         exchange = Exchange(ids.batch_sizes, self.tables_per_rank, self.rank, self.shared)
         received = exchange.start(looked_up)
+        # After the start: a lookup still made here (sparse gradients) runs while the vectors travel, and
+        # its backward while theirs do (autograd runs the nodes in reverse order of creation).
+        replicated = self.replicated.deferred(ids.replicated)
         return lambda: [replicated, *exchange.finish(received)]
 
     def reduce_sparse_gradients(self) -> None:

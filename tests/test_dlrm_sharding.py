@@ -76,13 +76,18 @@ def test_sparse_adagrad_is_torch_adagrad(coalesced):
     assert torch.equal(ours[[0, 2, 3]], theirs[[0, 2, 3]])  # never touched: never moved
 
 
-def test_dense_gradients_leave_untouched_rows_alone():
+@pytest.mark.parametrize("grad_layout", ["same", "transposed"])
+def test_dense_gradients_leave_untouched_rows_alone(grad_layout):
+    """Dense gradients go through torch's fused Adagrad, which walks the tensors' memory in order:
+    a gradient laid out unlike its weight takes the unfused path, with the same result."""
     ours, theirs = adagrad_pair()
     mine, reference = SparseAdagrad([ours], lr=0.1), torch.optim.Adagrad([theirs], lr=0.1)
     for step in range(3):
         grad = torch.zeros(12, 3)
         grad[[2, 7]] = torch.randn(2, 3)
         ours.grad, theirs.grad = grad, grad.clone()
+        if grad_layout == "transposed":
+            ours.grad = grad.t().contiguous().t()
         mine.step()
         reference.step()
     torch.testing.assert_close(ours.detach(), theirs.detach())

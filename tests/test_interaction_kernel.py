@@ -2,6 +2,7 @@
 
 import platform
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -122,49 +123,88 @@ def test_kernel_reads_strided_inputs_in_place_and_splits_the_batch_over_threads(
         torch.testing.assert_close(g, w)
 
 
-def small_tables(dim: int, sparse: bool = False) -> tuple[EmbeddingTables, torch.Tensor]:
-    """Tables 0, 2, 5 of 3, 40 and 9 rows and a batch of 11 samples' ids, many repeated (table 0
-    has 3 rows), taken as a column slice of a wider ids tensor as the loader's batches are."""
+def small_tables(dim: int, sparse: bool = False, batch: int = 11) -> tuple[EmbeddingTables, torch.Tensor]:
+    """Tables 0, 2, 5 of 3, 40 and 9 rows and a batch's ids, many repeated (table 0 has 3 rows),
+    taken as a column slice of a wider ids tensor as the loader's batches are."""
     torch.manual_seed(1)
     tables = EmbeddingTables([0, 2, 5], [3, 40, 9], dim, sparse=sparse)
     tables.reset_parameters(list(range(NUM_SPARSE)))
-    wide = torch.stack([torch.randint(0, rows, (11,)) for rows in (7, 3, 40, 9)], dim=1)
+    wide = torch.stack([torch.randint(0, rows, (batch,)) for rows in (7, 3, 40, 9)], dim=1)
     return tables, wide[:, 1:]
+
+
+def interaction_with_tables(kernel, tables: EmbeddingTables, ids: torch.Tensor, threads: int,
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """The features and gradients (bottom, other vectors, the tables' weight) with the tables' Lookup
+    and with their gathered vectors (PyTorch's interaction), and how often the Lookup was gathered."""
+    batch, dim = ids.shape[0], tables.weight.shape[1]
+    generator = torch.Generator().manual_seed(2)
+    bottom = torch.randn(batch, dim, generator=generator, requires_grad=True)
+    other = torch.randn(batch, 23, dim, generator=generator, requires_grad=True)
+    order = [0, 2, 5, *[t for t in range(NUM_SPARSE) if t not in (0, 2, 5)]]
+    width = top_input_size(NUM_SPARSE, dim)
+    grad = torch.randn(batch, width, generator=generator)
+    expected = dot_interaction(bottom, [tables(ids), other], order, width)
+    want = [expected, *torch.autograd.grad(expected, [bottom, other, tables.weight], grad)]
+    lookup = tables.deferred(ids)
+    assert isinstance(lookup, Lookup) and lookup.shape == (batch, 3, dim)
+    gathered = []
+    counted = replace(lookup, gather=lambda: gathered.append(1) or lookup.gather())
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        result = dot_interaction(bottom, [counted, other], order, width, kernel)
+        got = [result, *torch.autograd.grad(result, [bottom, other, tables.weight], grad)]
+    finally:
+        torch.set_num_threads(previous)
+    assert result.grad_fn.name() == "FusedDotInteractionBackward"
+    return got, want, len(gathered)
 
 
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("dim", [16, 20])
+@pytest.mark.parametrize("dim", [16, 20, 64])  # 64: whole 4-vector tiles with AVX-512
 def test_tables_read_in_place_give_the_gathered_tables_features_and_gradients(kernel, threads, dim):
     """A Lookup's rows are read from the weight and its gradient added to a dense gradient of the
     weight: the same as gathering the vectors and scattering their gradients (ids repeat, so rows
-    sum several samples' gradients, also across the threads' slices of the batch)."""
-    tables, ids = small_tables(dim)
+    sum many samples' gradients, also across the threads' slices of the batch, each adding to a
+    copy of its own)."""
+    tables, ids = small_tables(dim, batch=1024)
     assert not ids.is_contiguous()
-    generator = torch.Generator().manual_seed(2)
-    bottom = torch.randn(11, dim, generator=generator, requires_grad=True)
-    other = torch.randn(11, 23, dim, generator=generator, requires_grad=True)
-    order = [0, 2, 5, *[t for t in range(NUM_SPARSE) if t not in (0, 2, 5)]]
-    width = top_input_size(NUM_SPARSE, dim)
-    grad = torch.randn(11, width, generator=generator)
-    expected = dot_interaction(bottom, [tables(ids), other], order, width)
-    want = torch.autograd.grad(expected, [bottom, other, tables.weight], grad)
-    lookup = tables.deferred(ids)
-    assert isinstance(lookup, Lookup) and lookup.shape == (11, 3, dim)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        result = dot_interaction(bottom, [lookup, other], order, width, kernel)
-        got = torch.autograd.grad(result, [bottom, other, tables.weight], grad)
-    finally:
-        torch.set_num_threads(previous)
-    assert result.grad_fn.name() == "FusedDotInteractionBackward"
-    torch.testing.assert_close(result, expected)
+    got, want, gathered = interaction_with_tables(kernel, tables, ids, threads)
+    assert gathered == 0  # read in place
     for g, w in zip(got, want):
         assert g.layout == torch.strided and g.shape == w.shape
-        torch.testing.assert_close(g, w)
+        # (a row of table 0 sums ~340 samples' gradients, in another order than index_add's)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     never_looked_up = sorted(set(range(3, 43)) - set((ids[:, 1] + 3).tolist()))
-    assert never_looked_up and torch.count_nonzero(got[2][never_looked_up]) == 0
+    assert torch.count_nonzero(got[3][never_looked_up]) == 0
+
+
+@needs_compiler
+def test_many_threads_for_a_small_batch_gather_the_tables_rather_than_copy_their_gradient(kernel):
+    """3 threads each adding into a 52-row copy of the gradient would hold more than the gathered
+    [11, 3, d] vectors' gradient: the vectors are gathered (and the kernel reads those)."""
+    tables, ids = small_tables(16)
+    got, want, gathered = interaction_with_tables(kernel, tables, ids, threads=3)
+    assert gathered == 1
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@needs_compiler
+def test_ids_changed_in_place_before_backward_are_an_error_not_gradients_for_the_wrong_rows(kernel):
+    tables, ids = small_tables(16, batch=64)
+    ids = ids.contiguous()
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        result = dot_interaction(torch.randn(64, 16), [tables.deferred(ids), torch.randn(64, 23, 16)], kernel=kernel)
+    finally:
+        torch.set_num_threads(previous)
+    ids[0, 0] = (ids[0, 0] + 1) % 3
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        result.sum().backward()
 
 
 @needs_compiler
@@ -173,11 +213,12 @@ def test_a_table_row_out_of_range_is_an_index_error_not_a_wild_read(kernel):
     bad = ids.clone()
     bad[7, 1] = 40  # table 2 has rows 0..39
     bottom, other = torch.randn(11, 16), torch.randn(11, 23, 16)
-    with pytest.raises(IndexError, match="sample 7 of the batch names a table row out of range"):
-        dot_interaction(bottom, [tables.deferred(bad), other], kernel=kernel)
-    bad[7, 1] = -1
-    with pytest.raises(IndexError, match="sample 7"):
-        dot_interaction(bottom, [tables.deferred(bad), other], kernel=kernel)
+    with torch.no_grad():  # (read in place whatever the threads: see test_many_threads_...)
+        with pytest.raises(IndexError, match="sample 7 of the batch names a table row out of range"):
+            dot_interaction(bottom, [tables.deferred(bad), other], kernel=kernel)
+        bad[7, 1] = -1
+        with pytest.raises(IndexError, match="sample 7"):
+            dot_interaction(bottom, [tables.deferred(bad), other], kernel=kernel)
 
 
 def test_tables_with_sparse_gradients_are_gathered_while_training_and_read_in_place_otherwise():
@@ -199,8 +240,12 @@ def test_lookups_the_kernel_cannot_read_are_gathered(kernel):
     for unreadable in (tables.deferred(ids.int()), tables.deferred(ids[:5])):
         assert not interaction_kernel.readable(bottom, [unreadable, other])
     result = dot_interaction(bottom, [tables.deferred(ids.int()), other], kernel=kernel)
-    assert result.grad_fn.name() == "DotInteractionBackward"
-    torch.testing.assert_close(result, dot_interaction(bottom, [tables(ids), other]))
+    expected = dot_interaction(bottom, [tables(ids), other])
+    torch.testing.assert_close(result, expected)
+    grad = torch.randn(result.shape)
+    (got,) = torch.autograd.grad(result, tables.weight, grad)
+    (want,) = torch.autograd.grad(expected, tables.weight, grad)
+    torch.testing.assert_close(got, want)
 
 
 @needs_compiler
