@@ -262,12 +262,19 @@ class GradientBuffer:
         self._works = []
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape lay their elements out in the same memory order (the strides
+    of size-1 dimensions do not count: a one-output layer is dense with strides (1, 1) or (13, 1)),
+    as kernels that walk several tensors as flat arrays (fused Adam, fused Adagrad) need."""
+    return a.shape == b.shape and all(x == y for x, y, size in zip(a.stride(), b.stride(), a.shape) if size > 1)
+
+
 def _view_like(flat: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``flat`` viewed in ``param``'s shape *and memory layout* (a dense parameter, e.g. a transposed
     weight: dlrm.model.DLRM's first layer). Fused Adam walks a parameter, its gradient and its
     moments as flat arrays, so a gradient laid out differently would update the wrong entries."""
     outer_first = sorted(range(param.dim()), key=lambda d: -param.stride(d))
     view = flat.view([param.shape[d] for d in outer_first]).permute(*[outer_first.index(d) for d in range(param.dim())])
-    if any(a != b for a, b, size in zip(view.stride(), param.stride(), param.shape) if size > 1):  # size 1: any stride
+    if not same_layout(view, param):
         raise ValueError(f"a parameter of strides {param.stride()} is not dense: its gradient cannot be a view")
     return view

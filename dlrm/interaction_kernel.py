@@ -98,7 +98,7 @@ class InteractionKernel:
         batch, dim = bottom.shape
         grad = grad.contiguous()
         inputs = [bottom, *blocks]
-        threads = self._threads(batch)
+        threads = slices(batch)
         # Samples of different threads may share a Lookup's rows: each thread adds to its own copy of
         # the weight's gradient, and the copies are summed at the end.
         grads = [torch.zeros(threads, *t.weight.shape) if isinstance(t, Lookup)
@@ -111,12 +111,9 @@ class InteractionKernel:
             grad.shape[1], destinations[thread].base, destinations[thread].stride)))
         return [(g[0] if threads == 1 else g.sum(0)) if isinstance(t, Lookup) else g for t, g in zip(inputs, grads)]
 
-    def _threads(self, batch: int) -> int:
-        return max(1, min(torch.get_num_threads(), batch))
-
     def _run(self, batch: int, call: Callable[..., None]) -> None:
         """call(start, stop, thread=i) for the i-th of the slices the batch is split into, one per thread."""
-        threads = self._threads(batch)
+        threads = slices(batch)
         if threads == 1:
             call(0, batch)
             return
@@ -132,6 +129,11 @@ class InteractionKernel:
         wait(futures)
         for future in futures:
             future.result()
+
+
+def slices(batch: int) -> int:
+    """How many slices (one per torch thread) the kernel splits a batch into."""
+    return max(1, min(torch.get_num_threads(), batch))
 
 
 def _check(code: int) -> None:

@@ -263,7 +263,7 @@ def _in_place_or_gathered(block: Block) -> Block:
     if not isinstance(block, Lookup) or not (block.weight.requires_grad and torch.is_grad_enabled()):
         return block
     batch, vectors, _ = block.shape
-    threads = min(torch.get_num_threads(), batch)
+    threads = interaction_kernel.slices(batch)
     return block if threads == 1 or threads * block.weight.shape[0] <= 2 * batch * vectors else block.gather()
 
 

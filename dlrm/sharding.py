@@ -235,13 +235,10 @@ class ShardedEmbeddings(nn.Module):
         """``forward`` in two halves: look up and start the exchange; the function returned waits for it
         and returns forward's blocks (DLRM runs its bottom MLP in between)."""
         # The replicated tables' vectors are mostly read where they are (EmbeddingTables.deferred).
-        if not self.plan.any_sharded:
-            replicated = self.replicated.deferred(ids.replicated)
-            return lambda: [replicated]
+        if not self.plan.any_sharded or self.plan.world_size == 1:  # nothing to exchange
+            parts = [self.replicated.deferred(ids.replicated), *([self.local(ids.owned)] if self.plan.any_sharded else [])]
+            return lambda: parts
         looked_up = self.local(ids.owned)
-        if self.plan.world_size == 1:
-            replicated = self.replicated.deferred(ids.replicated)
-            return lambda: [replicated, looked_up]
         exchange = Exchange(ids.batch_sizes, self.tables_per_rank, self.rank, self.shared)
         received = exchange.start(looked_up)
         # After the start: a lookup still made here (sparse gradients) runs while the vectors travel, and

@@ -231,7 +231,7 @@ def state_in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                if torch.is_tensor(value) and value.shape == param.shape and not dist.same_layout(value, param):
                     state[key] = torch.empty_like(param).copy_(value)
 
 

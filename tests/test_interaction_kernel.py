@@ -12,6 +12,7 @@ from bench.config import NUM_SPARSE, ModelConfig
 from dlrm import interaction_kernel
 from dlrm.interaction_kernel import Lookup
 from dlrm.model import DLRM, EmbeddingTables, dot_interaction, interaction_size, top_input_size
+from dlrm.roofline import torch_threads
 
 COMPILER = shutil.which("cc") or shutil.which("gcc")
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C compiler (cc or gcc) here")
@@ -150,13 +151,9 @@ def interaction_with_tables(kernel, tables: EmbeddingTables, ids: torch.Tensor, 
     assert isinstance(lookup, Lookup) and lookup.shape == (batch, 3, dim)
     gathered = []
     counted = replace(lookup, gather=lambda: gathered.append(1) or lookup.gather())
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         result = dot_interaction(bottom, [counted, other], order, width, kernel)
         got = [result, *torch.autograd.grad(result, [bottom, other, tables.weight], grad)]
-    finally:
-        torch.set_num_threads(previous)
     assert result.grad_fn.name() == "FusedDotInteractionBackward"
     return got, want, len(gathered)
 
@@ -196,12 +193,8 @@ def test_many_threads_for_a_small_batch_gather_the_tables_rather_than_copy_their
 def test_ids_changed_in_place_before_backward_are_an_error_not_gradients_for_the_wrong_rows(kernel):
     tables, ids = small_tables(16, batch=64)
     ids = ids.contiguous()
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         result = dot_interaction(torch.randn(64, 16), [tables.deferred(ids), torch.randn(64, 23, 16)], kernel=kernel)
-    finally:
-        torch.set_num_threads(previous)
     ids[0, 0] = (ids[0, 0] + 1) % 3
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         result.sum().backward()
