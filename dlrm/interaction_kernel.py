@@ -15,17 +15,13 @@ scattering it) and every table at inference.
 
 It computes in fp32 also in bf16 training (the bottom MLP's bf16 output is widened; the
 products of bf16 values are exact in fp32), where it replaces a bf16 batched matmul.
-It is compiled when a training or inference job starts (~0.3 s; cc or gcc, -O3 -march=native for the
-CPU it runs on) into a temporary directory removed once loaded. Without a compiler the
+It is compiled when a training or inference job starts (dlrm.native). Without a compiler the
 model uses the PyTorch interaction; train.json says which ("interaction_kernel").
 """
 
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -33,9 +29,10 @@ from pathlib import Path
 
 import torch
 
+from dlrm import native
+
 SOURCE = Path(__file__).with_name("interaction.c")
-FLAGS = ["-O3", "-fopenmp-simd", "-shared", "-fPIC"]
-COMPILE_TIMEOUT = 120  # seconds; it takes ~0.3
+FALLBACK = "the PyTorch interaction is used"
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -197,19 +194,7 @@ class _Vectors:
 def load(compiler: str | None = None, march: str = "native") -> tuple[InteractionKernel | None, str]:
     """The kernel compiled for this CPU (or the instruction set ``march`` names), or None; and why
     (for the results). Its vector width follows the instruction set: AVX-512, AVX or SSE."""
-    compiler = compiler or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or shutil.which(compiler) is None:
-        return None, f"no C compiler ({compiler or 'cc or gcc'}) found: the PyTorch interaction is used"
-    flags = [FLAGS[0], f"-march={march}", *FLAGS[1:]]
-    with tempfile.TemporaryDirectory(prefix="dlrm-interaction-") as tmp:
-        library = Path(tmp) / "interaction.so"
-        try:
-            done = subprocess.run([compiler, *flags, "-o", str(library), str(SOURCE)], capture_output=True,
-                                  text=True, timeout=COMPILE_TIMEOUT)
-            if done.returncode != 0:
-                first = (done.stderr.strip().splitlines() or ["no output"])[0]
-                return None, f"{compiler} could not compile {SOURCE.name} ({first}): the PyTorch interaction is used"
-            loaded = ctypes.CDLL(str(library))  # mapped: the file can go
-        except (OSError, subprocess.TimeoutExpired) as err:  # e.g. a temporary directory mounted noexec
-            return None, f"the compiled interaction could not be built or loaded ({err}): the PyTorch interaction is used"
-    return InteractionKernel(loaded), f"compiled with {compiler} {' '.join(flags[:3])}"
+    library, status = native.compile_library(SOURCE, compiler, march)
+    if library is None:
+        return None, f"{status}: {FALLBACK}"
+    return InteractionKernel(library), status

@@ -61,10 +61,10 @@ from torch import nn
 
 from bench import config as bench_config
 from bench.fsutil import atomic_write_json
-from dlrm import data, dist, interaction_kernel, roofline, runner, sharding, shm
+from dlrm import data, dist, interaction_kernel, optim, roofline, runner, sharding, shm
 from dlrm.interaction_kernel import InteractionKernel
 from dlrm.model import DLRM, EmbeddingTables
-from dlrm.optim import SparseAdagrad
+from dlrm.optim import AdagradKernel, SparseAdagrad
 from dlrm.sharding import ShardedEmbeddings, ShardingPlan
 from preprocess.layout import ProcessedData
 
@@ -77,11 +77,11 @@ PHASES = ("data", "forward", "backward", "gradient_sync", "optimizer")
 
 
 def build_model(vocab_sizes: list[int], cfg: bench_config.Config, plan: ShardingPlan | None = None,
-                rank: int = 0, kernel: InteractionKernel | None = None
+                rank: int = 0, kernel: InteractionKernel | None = None, adagrad: AdagradKernel | None = None
                 ) -> tuple[DLRM, list[torch.optim.Optimizer], tuple[bool, str]]:
     """The model (rank ``rank``'s share of it under ``plan``; None: all tables here; ``kernel``: its
-    compiled interaction) and its two optimizers, [embeddings, MLPs] (see the module docstring),
-    IPEX-optimised when usable."""
+    compiled interaction) and its two optimizers, [embeddings (``adagrad``: their compiled sparse
+    update), MLPs] (see the module docstring), IPEX-optimised when usable."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     embeddings = None if plan is None else ShardedEmbeddings(plan, rank, cfg.model.embedding_dim)
     model = DLRM(vocab_sizes, cfg.model, embeddings, kernel)
@@ -95,7 +95,7 @@ def build_model(vocab_sizes: list[int], cfg: bench_config.Config, plan: Sharding
     else:
         # fused: one kernel over all the MLP parameters instead of a dozen ops per tensor.
         dense_opt = torch.optim.Adam(model.dense_parameters(), lr=cfg.train.dense_lr, fused=True)
-    sparse_opt = SparseAdagrad(model.embedding_parameters(), lr=cfg.train.sparse_lr)
+    sparse_opt = SparseAdagrad(model.embedding_parameters(), lr=cfg.train.sparse_lr, kernel=adagrad)
     return model, [sparse_opt, dense_opt], ipex
 
 
@@ -427,7 +427,8 @@ def report_eval(rank: runner.Rank, scores: dict, step: int, steps: int, global_b
 
 def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runtime_bytes: int) -> dict:
     """What this rank should hold at its peak, in bytes: ``runtime_bytes`` (the process before the
-    model: Python, torch, the libraries), its tables and their Adagrad state (as large), the MLPs
+    model: Python, torch, the libraries), its tables and their Adagrad state (as large, and the
+    compiled update's int32 map of the table rows), the MLPs
     with their gradients and two Adam moments, the activations of the larger of a training step
     and an evaluation batch, a few input batches, and on rank 0 all the tables gathered for
     model.pt (and, with checkpoints, their Adagrad state)."""
@@ -452,7 +453,8 @@ def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runt
     gathered = 0
     if sharded.rank == 0:
         gathered = sum(model.vocab_sizes) * dim * floats * (2 if cfg.train.checkpoint_every_steps else 1)
-    parts = {"runtime": runtime_bytes, "tables": tables, "optimizer_state": tables, "mlps": 4 * mlps,
+    row_maps = sum(p.shape[0] for p in model.embedding_parameters()) * 4  # (at most: dense-gradient tables have none)
+    parts = {"runtime": runtime_bytes, "tables": tables, "optimizer_state": tables + row_maps, "mlps": 4 * mlps,
              "activations": max(train, evaluation) * floats, "batches": batches, "gathered": gathered}
     return {**parts, "total": sum(parts.values())}
 
@@ -488,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime_bytes = runner.peak_rss_bytes()
 
     kernel, kernel_status = interaction_kernel.load()
-    model, optimizers, ipex = build_model(vocab_sizes, cfg, plan, info.rank, kernel)
+    adagrad, adagrad_status = optim.load_kernel()
+    model, optimizers, ipex = build_model(vocab_sizes, cfg, plan, info.rank, kernel, adagrad)
     checkpoint = args.out / CHECKPOINT
     resume = None
     if args.resume or (cfg.train.resume and checkpoint.is_file()):
@@ -497,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runner.log(rank, f"{PROG}: {info.world_size} ranks ({info.launcher} launcher), backend {backend}, "
                      f"{rank.pinning['threads']} threads/rank, ipex: {ipex[1]}, precision {precision}, "
-                     f"interaction kernel: {kernel_status}; "
+                     f"interaction kernel: {kernel_status}; sparse Adagrad kernel: {adagrad_status}; "
                      f"{len(train_data)} train rows, global batch {global_batch}, {cfg.train.epochs} epoch(s); "
                      f"tables: {len(plan.replicated)} replicated, "
                      f"{'/'.join(str(len(plan.owned(r))) for r in range(info.world_size))} sharded per rank")
@@ -537,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             "backend": backend,
             "ipex": {"used": ipex[0], "reason": ipex[1]},
             "interaction_kernel": {"used": kernel is not None, "reason": kernel_status},
+            "adagrad_kernel": {"used": adagrad is not None, "reason": adagrad_status},
             "shared_memory": {"used": shared_memory is not None, "reason": shared_memory_status},
             "world_size": info.world_size,
             "threads_per_rank": rank.pinning["threads"],

@@ -320,5 +320,5 @@ def test_a_library_that_cannot_be_loaded_means_no_kernel_and_says_why(tmp_path):
     fake.chmod(0o755)
     kernel, reason = interaction_kernel.load(str(fake))
     assert kernel is None
-    assert reason.startswith("the compiled interaction could not be built or loaded (")
+    assert reason.startswith("interaction.c could not be built or loaded (")
     assert reason.endswith("): the PyTorch interaction is used")

@@ -1,0 +1,86 @@
+"""The compiled sparse Adagrad (dlrm/sparse_adagrad.c): the PyTorch update's results, its checks and its detection."""
+
+import shutil
+
+import pytest
+import torch
+
+from dlrm import optim
+from dlrm.optim import SparseAdagrad
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler (cc or gcc) here")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> optim.AdagradKernel:
+    loaded, reason = optim.load_kernel()
+    assert loaded is not None, reason
+    assert reason.startswith("compiled with")
+    return loaded
+
+
+def zipf_gradient(rows: int, n: int, dim: int, seed: int) -> torch.Tensor:
+    """A sparse [rows, dim] gradient of n entries whose rows repeat as a Zipf-distributed batch's ids do."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, rows + 1, dtype=torch.float64) ** 1.2
+    ids = torch.multinomial(weights, n, replacement=True, generator=generator)
+    return torch.sparse_coo_tensor(ids.unsqueeze(0), torch.randn(n, dim, generator=generator), (rows, dim))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dim", [3, 64])
+def test_compiled_update_is_the_pytorch_update(kernel, dim):
+    """Both updates on the same weights for three batches: the same weights and state (up to float
+    rounding of the repeats' sums), untouched rows bit for bit untouched, the row map left empty."""
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    rows = 5000
+    start = torch.randn(rows, dim)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    compiled, reference = SparseAdagrad([ours], lr=0.05, kernel=kernel), SparseAdagrad([theirs], lr=0.05)
+    touched = torch.zeros(rows, dtype=torch.bool)
+    for step in range(3):
+        grad = zipf_gradient(rows, 2048, dim, seed=step)
+        touched[grad._indices()[0]] = True
+        ours.grad, theirs.grad = grad, grad
+        compiled.step()
+        reference.step()
+    assert 100 < int(touched.sum()) < rows  # repeats and untouched rows both present
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.state_sum(ours), reference.state_sum(theirs), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ours.detach()[touched], start[touched])
+    assert torch.equal(ours.detach()[~touched], start[~touched])
+    assert torch.equal(compiled._slots[ours], torch.full((rows,), -1, dtype=torch.int32))
+
+
+@needs_compiler
+def test_a_row_out_of_range_raises_and_updates_nothing(kernel):
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    start = torch.randn(10, 4)
+    weight = torch.nn.Parameter(start.clone())
+    opt = SparseAdagrad([weight], lr=0.1, kernel=kernel)
+    weight.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3, 1, 10, 2]]), torch.ones(5, 4), (10, 4))
+    with pytest.raises(IndexError, match="gradient row 3 names weight row 10, outside the weight's 10 rows"):
+        opt.step()
+    assert torch.equal(weight.detach(), start) and not opt.state_sum(weight).any()
+    assert torch.equal(opt._slots[weight], torch.full((10,), -1, dtype=torch.int32))  # the map cleaned up
+
+
+@needs_compiler
+def test_what_the_kernel_does_not_take_goes_through_pytorch(kernel):
+    """A float64 table (the C code reads float32) is updated by the PyTorch ops, with the same result."""
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    start = torch.randn(50, 4, dtype=torch.float64)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    grad = zipf_gradient(50, 40, 4, seed=0).double()
+    assert not kernel.accepts(ours, torch.zeros_like(ours), grad)
+    compiled, reference = SparseAdagrad([ours], lr=0.1, kernel=kernel), SparseAdagrad([theirs], lr=0.1)
+    ours.grad, theirs.grad = grad, grad
+    compiled.step()
+    reference.step()
+    assert torch.equal(ours.detach(), theirs.detach()) and not compiled._slots
+
+
+def test_no_compiler_means_no_kernel_and_says_why(tmp_path):
+    missing = str(tmp_path / "no-such-cc")
+    assert optim.load_kernel(missing) == (None, f"no C compiler ({missing}) found: PyTorch ops update the sparse rows")
