@@ -110,16 +110,19 @@ class ShardedIds(NamedTuple):
 class Exchange:
     """The all-to-all "butterfly" of one global batch: each owner's lookups -> each rank's vectors for its rows.
 
-    forward:  [G, k_me, d] -> blocks [b_me, k_j, d], one per rank j (rank j's tables' vectors for my
-              rows); the rows of rank j's part (rows sum(b_<j) .. sum(b_<=j) of G) go to rank j.
-    backward: the gradients travel back the same way: the blocks' gradients -> [G, k_me, d].
+    forward:  this rank's tables' rows for the whole batch, [G, k_me, d] -> blocks [b_me, k_j, d], one
+              per rank j (rank j's tables' vectors for my rows); the rows of rank j's part (rows
+              sum(b_<j) .. sum(b_<=j) of G) go to rank j.
+    backward: the gradients travel back the same way: the blocks' gradients -> [G, k_me, d], the
+              sparse gradient of this rank's tables.
 
     One all_to_all_single each way (gloo supports it on CPU, with uneven splits; or ``shared``, a
     dlrm.shm group of the ranks on one node, used for nothing else), each started
     asynchronously by one autograd node and waited for by another (_Send, _Receive): ``start``
     sends, ``finish`` waits, and the work in between overlaps the exchange - the bottom MLP in
     forward; in backward, which runs the nodes in reverse order of creation, the bottom MLP's and
-    the replicated tables' backward.
+    the replicated tables' backward. Through shared memory, the lookups and the gradients are
+    written straight into this rank's slot, and the vectors received are read where they lie.
     """
 
     def __init__(self, batch_sizes: tuple[int, ...], tables_per_rank: tuple[int, ...], rank: int,
@@ -130,14 +133,16 @@ class Exchange:
         self.receive_sizes: list[int] = []
         self.dim = 0
 
-    def start(self, looked_up: torch.Tensor) -> torch.Tensor:
-        """Start sending this rank's lookups [G, k_me, d]; returns what ``finish`` takes."""
-        self.dim = looked_up.shape[2]
-        return _Send.apply(looked_up, self)
+    def start(self, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Start sending rows ``rows`` (int64 [G, k_me]) of this rank's tables' ``weight``; returns the
+        token ``finish`` takes (an empty tensor: the autograd graph's link from one node to the other).
+        The weight's gradient is sparse: the rows' gradients, repeats not summed."""
+        self.dim = weight.shape[1]
+        return _Send.apply(weight, rows, self)
 
-    def finish(self, received: torch.Tensor) -> list[torch.Tensor]:
+    def finish(self, token: torch.Tensor) -> list[torch.Tensor]:
         """Wait for the vectors; one block [b_me, k_j, d] per rank j."""
-        return list(_Receive.apply(received, self))
+        return list(_Receive.apply(token, self))
 
     def sizes(self) -> tuple[list[int], list[int]]:
         """Elements this rank sends to and receives from each rank in forward (backward: the reverse)."""
@@ -146,61 +151,74 @@ class Exchange:
         return ([b * owned * self.dim for b in self.batch_sizes],
                 [mine * k * self.dim for k in self.tables_per_rank])
 
+    def send_buffer(self, n: int) -> torch.Tensor:
+        """Where to write the ``n`` floats the next ``run`` sends (through shared memory: in place)."""
+        return self.shared.send_buffer(n) if self.shared is not None else torch.empty(n)
+
     def run(self, send: torch.Tensor, send_sizes: list[int], receive_sizes: list[int]) -> torch.Tensor:
-        """Start one all-to-all of the flat ``send``; returns the flat tensor it fills."""
-        received = send.new_empty(sum(receive_sizes))
-        self.buffers, self.receive_sizes = (send, received), receive_sizes
+        """Start one all-to-all of the flat ``send`` (``received`` waits for it); returns an empty token."""
+        self.receive_sizes = receive_sizes
         if self.shared is not None:
             self.shared.all_to_all_start(send, send_sizes)
+            self.buffers = (send,)
         else:
+            received = send.new_empty(sum(receive_sizes))
+            self.buffers = (send, received)
             self.work = torch_dist.all_to_all_single(received, send, receive_sizes, send_sizes, async_op=True)
-        return received
+        return send.new_empty(0)
 
-    def wait(self) -> None:
+    def received(self) -> list[torch.Tensor]:
+        """Wait for the all-to-all ``run`` started: each rank's segment for this rank (flat). Through
+        shared memory they are views of the shared file, valid until this rank's next exchange."""
         if self.shared is not None:
-            self.shared.all_to_all_finish(self.buffers[1], self.receive_sizes)
+            segments = self.shared.all_to_all_views(self.receive_sizes)
         else:
             self.work.wait()
+            segments = list(self.buffers[1].split(self.receive_sizes))
         self.work, self.buffers = None, ()
+        return segments
 
 
 class _Send(torch.autograd.Function):
-    """Starts the forward exchange; backward waits for the gradients' exchange (_Receive started it)."""
+    """Looks up this rank's rows into the send buffer and starts the forward exchange; backward waits
+    for the gradients' exchange (_Receive started it) and makes them the weight's sparse gradient."""
 
     @staticmethod
-    def forward(ctx, looked_up: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         send, receive = exchange.sizes()
-        ctx.exchange, ctx.shape = exchange, looked_up.shape
-        return exchange.run(looked_up.contiguous().view(-1), send, receive)
+        ctx.exchange, ctx.weight_shape = exchange, weight.shape
+        rows = rows.reshape(-1)
+        ctx.save_for_backward(rows)
+        buffer = exchange.send_buffer(sum(send))
+        torch.index_select(weight, 0, rows, out=buffer.view(-1, weight.shape[1]))
+        return exchange.run(buffer, send, receive)
 
     @staticmethod
-    def backward(ctx, _grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        exchange: Exchange = ctx.exchange
-        returned = exchange.buffers[1]
-        exchange.wait()
-        return returned.view(ctx.shape), None
+    def backward(ctx, _grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (rows,) = ctx.saved_tensors
+        # What F.embedding(sparse=True) gives: a row per lookup, uncoalesced.
+        values = torch.cat(ctx.exchange.received()).view(-1, ctx.weight_shape[1])
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, ctx.weight_shape), None, None
 
 
 class _Receive(torch.autograd.Function):
-    """Waits for the forward exchange (a view per sending rank); backward starts the gradients' exchange."""
+    """Waits for the forward exchange (a block per sending rank); backward starts the gradients' exchange."""
 
     @staticmethod
-    def forward(ctx, received: torch.Tensor, exchange: Exchange) -> tuple[torch.Tensor, ...]:
-        exchange.wait()
+    def forward(ctx, _token: torch.Tensor, exchange: Exchange) -> tuple[torch.Tensor, ...]:
         ctx.exchange = exchange
         mine = exchange.batch_sizes[exchange.rank]
-        return tuple(block.view(mine, k, exchange.dim)
-                     for block, k in zip(received.split(exchange.sizes()[1]), exchange.tables_per_rank))
+        return tuple(segment.view(mine, k, exchange.dim)
+                     for segment, k in zip(exchange.received(), exchange.tables_per_rank))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:
         exchange: Exchange = ctx.exchange
         send, receive = exchange.sizes()
-        packed = grads[0].new_empty(sum(receive))
+        packed = exchange.send_buffer(sum(receive))
         for block, grad in zip(packed.split(receive), grads):
             block.view_as(grad).copy_(grad)  # the interaction's gradient blocks are strided views
-        exchange.run(packed, receive, send)
-        return packed, None
+        return exchange.run(packed, receive, send), None
 
 
 class ShardedEmbeddings(nn.Module):
@@ -238,9 +256,8 @@ class ShardedEmbeddings(nn.Module):
         if not self.plan.any_sharded or self.plan.world_size == 1:  # nothing to exchange
             parts = [self.replicated.deferred(ids.replicated), *([self.local(ids.owned)] if self.plan.any_sharded else [])]
             return lambda: parts
-        looked_up = self.local(ids.owned)
         exchange = Exchange(ids.batch_sizes, self.tables_per_rank, self.rank, self.shared)
-        received = exchange.start(looked_up)
+        received = exchange.start(self.local.weight, ids.owned + self.local.offsets)
         # After the start: a lookup still made here (sparse gradients) runs while the vectors travel, and
         # its backward while theirs do (autograd runs the nodes in reverse order of creation).
         replicated = self.replicated.deferred(ids.replicated)

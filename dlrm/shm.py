@@ -13,7 +13,10 @@ MLPs must stay equal). Slots alternate between two halves from one call to the n
 writing call s's half has seen every rank's number reach s - 1, posted after that rank finished
 reading call s - 2's (the same half) - provided each rank finishes a call before it starts the
 next on the same group (an all-to-all started and finished around other work counts as one call:
-use one group per stream of calls). The data are stored before the number and read after it;
+use one group per stream of calls). The copies in and out can be skipped: a rank may write its data
+straight into its slot (``send_buffer``) and read the others' where they lie (``all_to_all_views``),
+which holds those views valid until it starts its next call on the group (the others cannot write
+that half again before). The data are stored before the number and read after it;
 x86's memory model keeps both orders without fences, so this is used on x86-64 only.
 
 ``open_group`` is collective. The file lives in /dev/shm only while the ranks map it: rank 0
@@ -114,6 +117,11 @@ class SharedMemoryGroup:
     def all_to_all_finish(self, received: torch.Tensor, receive_sizes: list[int]) -> None:
         """Fill ``received`` (contiguous) with every rank's segment for this rank, in rank order, of the
         call ``all_to_all_start`` began; receive_sizes[j]: the elements rank j sends here."""
+        torch.cat(self.all_to_all_views(receive_sizes), out=received.view(-1))
+
+    def all_to_all_views(self, receive_sizes: list[int]) -> list[torch.Tensor]:
+        """``all_to_all_finish`` without the copy: each rank's segment for this rank (receive_sizes[j]
+        elements from rank j) where it lies in the shared file, valid until this rank's next call."""
         if not self._exchanging:
             raise RuntimeError("all_to_all_finish without all_to_all_start")
         self._exchanging = False
@@ -123,12 +131,17 @@ class SharedMemoryGroup:
         expected = [row[self.rank] for row in splits]
         if expected != list(receive_sizes):
             raise ValueError(f"rank {self.rank} expected {list(receive_sizes)} elements from the ranks, they sent {expected}")
-        out = received.view(-1)
-        offset = 0
-        for sender, row in enumerate(splits):
-            start = sum(row[:self.rank])
-            out[offset:offset + row[self.rank]].copy_(self._slots[half, sender, start:start + row[self.rank]])
-            offset += row[self.rank]
+        return [self._slots[half, sender, sum(row[:self.rank]):sum(row[:self.rank + 1])]
+                for sender, row in enumerate(splits)]
+
+    def send_buffer(self, n: int) -> torch.Tensor:
+        """This rank's slot for its next call (its first ``n`` elements): written there, a tensor is
+        posted by that call without being copied. Only between calls, and for the very next one."""
+        if self._exchanging:  # its half could still be read by the other ranks
+            raise RuntimeError("a shared-memory group takes one call at a time: all_to_all_start was not finished")
+        if n > self.capacity:
+            raise ValueError(f"a send buffer of {n} elements is larger than the capacity {self.capacity}")
+        return self._slots[(self._calls + 1) % 2, self.rank, :n]
 
     def _post(self, tensor: torch.Tensor, splits: list[int]) -> torch.Tensor:
         """Copy ``tensor`` and ``splits`` (an all-to-all's split sizes, or an all-reduce's size) into this
@@ -141,7 +154,11 @@ class SharedMemoryGroup:
                              f"{self.capacity} elements, got {tensor.dtype} {tuple(tensor.shape)}")
         self._calls += 1
         half = self._calls % 2
-        self._slots[half, self.rank, :n].copy_(tensor.view(-1))
+        slot = self._slots[half, self.rank]
+        if tensor.data_ptr() == self._slots[1 - half, self.rank].data_ptr():
+            raise RuntimeError("a send buffer is for the call right after send_buffer: another call came in between")
+        if tensor.data_ptr() != slot.data_ptr():  # (else the caller wrote it in place: send_buffer)
+            slot[:n].copy_(tensor.view(-1))
         self._splits[half, self.rank] = torch.tensor(splits)
         self._sequence[self.rank] = self._calls  # after the data (x86: stores stay in order)
         return self._slots[half]

@@ -73,6 +73,16 @@ def sums_worker(out: str) -> None:
         group.all_to_all_finish(received, sizes)
         expected = torch.cat([torch.full((n,), 100.0 * call + 10 * r + info.rank) for r, n in enumerate(sizes)])
         assert torch.equal(received, expected)
+    # The same without copies: written into the send buffer, read where it lies (both halves again).
+    for call in range(2):
+        send_sizes = [0 if info.rank == d == 1 else (info.rank + 1) * (d + 1) for d in range(info.world_size)]
+        buffer = group.send_buffer(sum(send_sizes))
+        torch.cat([torch.full((n,), 100.0 * call + 10 * info.rank + d) for d, n in enumerate(send_sizes)], out=buffer)
+        group.all_to_all_start(buffer, send_sizes)
+        views = group.all_to_all_views(sizes)
+        assert [v.numel() for v in views] == sizes
+        assert torch.equal(torch.cat(views), torch.cat([torch.full((n,), 100.0 * call + 10 * r + info.rank)
+                                                        for r, n in enumerate(sizes)]))
     group.all_to_all_start(torch.zeros(info.world_size), [1] * info.world_size)
     with pytest.raises(ValueError, match=rf"rank {info.rank} expected \[2, 2, 2\] elements from the ranks, they sent \[1, 1, 1\]"):
         group.all_to_all_finish(torch.empty(6), [2, 2, 2])
@@ -159,3 +169,27 @@ def test_a_group_takes_one_call_at_a_time():
     for call in (lambda: group.all_reduce_(torch.ones(2)), lambda: group.all_to_all_start(torch.ones(2), [1, 1])):
         with pytest.raises(RuntimeError, match="one call at a time: all_to_all_start was not finished"):
             call()
+
+
+def test_a_send_buffer_is_posted_in_place_and_only_by_the_next_call():
+    """Written into send_buffer, a tensor is posted without a copy: the rank reads its own segment from
+    the very memory it wrote. A call in between takes that slot's turn: the buffer is then refused."""
+    buffer = mmap.mmap(-1, shm.file_bytes(1, 4))
+    shm.pid_slots(buffer, 1)[0] = os.getpid()
+    group = shm.SharedMemoryGroup(buffer, rank=0, world_size=1, capacity=4, timeout_s=1)
+    for value in (1.0, 2.0, 3.0):  # through both halves
+        send = group.send_buffer(3)
+        send.fill_(value)
+        group.all_to_all_start(send, [3])
+        (view,) = group.all_to_all_views([3])
+        assert view.data_ptr() == send.data_ptr() and torch.equal(view, torch.full((3,), value))
+    with pytest.raises(ValueError, match="a send buffer of 5 elements is larger than the capacity 4"):
+        group.send_buffer(5)
+    stale = group.send_buffer(2)
+    group.all_to_all_start(torch.ones(2), [2])
+    group.all_to_all_views([2])
+    with pytest.raises(RuntimeError, match="another call came in between"):
+        group.all_to_all_start(stale, [2])
+    group.all_to_all_start(torch.ones(2), [2])
+    with pytest.raises(RuntimeError, match="one call at a time: all_to_all_start was not finished"):
+        group.send_buffer(2)
