@@ -114,6 +114,10 @@ class TrainConfig(_Section):
     epochs: int = Field(ge=1)
     dense_lr: float = Field(gt=0)
     sparse_lr: float = Field(gt=0)
+    sparse_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd"] = Field(
+        default="adagrad", description="the embedding tables' update, on the rows a batch touched (dlrm.optim): "
+                                       "Adagrad (a sum of squares per coordinate), row-wise Adagrad (one per row, "
+                                       "as FBGEMM and torchrec) or SGD")
     seed: int = 0
     eval_batch_size: int = Field(ge=1)
     precision: Literal["fp32", "bf16", "auto"] = Field(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bench.config import NUM_DENSE, NUM_SPARSE, Config
-from dlrm import data, roofline
+from dlrm import data, optim, roofline
 from dlrm.model import DLRM, dot_interaction, interaction_size, mlp, top_input_size
 from preprocess import synthetic
 from throughput import rates, record
@@ -66,9 +66,12 @@ def model(small: Config, vocab_sizes: list[int]) -> DLRM:
 
 @pytest.fixture(scope="module")
 def optimizers(small: Config, model: DLRM) -> dict[str, torch.optim.Optimizer]:
-    """The optimizers dlrm.train steps: Adagrad on the tables (sparse rows), Adam on the MLPs."""
-    return {"sparse": torch.optim.Adagrad(model.embedding_parameters(), lr=small.train.sparse_lr),
-            "dense": torch.optim.Adam(model.dense_parameters(), lr=small.train.dense_lr)}
+    """The optimizers dlrm.train steps: the tables' rule on the sparse rows (compiled when a C compiler
+    is found), fused Adam on the MLPs."""
+    kernel, _ = optim.load_kernel()
+    return {"sparse": optim.SparseOptimizer(model.embedding_parameters(), lr=small.train.sparse_lr,
+                                            rule=small.train.sparse_optimizer, kernel=kernel),
+            "dense": torch.optim.Adam(model.dense_parameters(), lr=small.train.dense_lr, fused=True)}
 
 
 def test_embedding_lookup(benchmark, model, batch, reference):

@@ -22,8 +22,8 @@ Rank 0 writes RUN_DIR/train.json and RUN_DIR/model.pt (the whole model, the shar
 gathered from their owners, in the format dlrm.inference loads).
 
 Optimizers (the benchmark trains exactly one epoch, so they must converge fast):
-  * embeddings: Adagrad at train.sparse_lr, updating only the rows a batch touched
-    (dlrm.optim.SparseAdagrad);
+  * embeddings: Adagrad at train.sparse_lr (or row-wise Adagrad, or SGD: train.sparse_optimizer),
+    updating only the rows a batch touched (dlrm.optim.SparseOptimizer);
   * MLPs: Adam at train.dense_lr, the usual robust choice for small dense nets.
   Both base rates follow the MLPerf DLRM schedule when it is set (see lr_scale).
 
@@ -64,7 +64,7 @@ from bench.fsutil import atomic_write_json
 from dlrm import data, dist, interaction_kernel, optim, roofline, runner, sharding, shm
 from dlrm.interaction_kernel import InteractionKernel
 from dlrm.model import DLRM, EmbeddingTables
-from dlrm.optim import AdagradKernel, SparseAdagrad
+from dlrm.optim import SparseOptimizer, SparseUpdateKernel
 from dlrm.sharding import ShardedEmbeddings, ShardingPlan
 from preprocess.layout import ProcessedData
 
@@ -77,10 +77,10 @@ PHASES = ("data", "forward", "backward", "gradient_sync", "optimizer")
 
 
 def build_model(vocab_sizes: list[int], cfg: bench_config.Config, plan: ShardingPlan | None = None,
-                rank: int = 0, kernel: InteractionKernel | None = None, adagrad: AdagradKernel | None = None
+                rank: int = 0, kernel: InteractionKernel | None = None, update: SparseUpdateKernel | None = None
                 ) -> tuple[DLRM, list[torch.optim.Optimizer], tuple[bool, str]]:
     """The model (rank ``rank``'s share of it under ``plan``; None: all tables here; ``kernel``: its
-    compiled interaction) and its two optimizers, [embeddings (``adagrad``: their compiled sparse
+    compiled interaction) and its two optimizers, [embeddings (``update``: their compiled sparse
     update), MLPs] (see the module docstring), IPEX-optimised when usable."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     embeddings = None if plan is None else ShardedEmbeddings(plan, rank, cfg.model.embedding_dim)
@@ -95,7 +95,8 @@ def build_model(vocab_sizes: list[int], cfg: bench_config.Config, plan: Sharding
     else:
         # fused: one kernel over all the MLP parameters instead of a dozen ops per tensor.
         dense_opt = torch.optim.Adam(model.dense_parameters(), lr=cfg.train.dense_lr, fused=True)
-    sparse_opt = SparseAdagrad(model.embedding_parameters(), lr=cfg.train.sparse_lr, kernel=adagrad)
+    sparse_opt = SparseOptimizer(model.embedding_parameters(), lr=cfg.train.sparse_lr, rule=cfg.train.sparse_optimizer,
+                                 kernel=update)
     return model, [sparse_opt, dense_opt], ipex
 
 
@@ -427,11 +428,11 @@ def report_eval(rank: runner.Rank, scores: dict, step: int, steps: int, global_b
 
 def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runtime_bytes: int) -> dict:
     """What this rank should hold at its peak, in bytes: ``runtime_bytes`` (the process before the
-    model: Python, torch, the libraries), its tables and their Adagrad state (as large, and the
-    compiled update's int32 map of the table rows), the MLPs
-    with their gradients and two Adam moments, the activations of the larger of a training step
-    and an evaluation batch, a few input batches, and on rank 0 all the tables gathered for
-    model.pt (and, with checkpoints, their Adagrad state)."""
+    model: Python, torch, the libraries), its tables and their optimizer state (Adagrad's as large,
+    row-wise Adagrad's 1/d of it, SGD's none; and the compiled update's int32 map of the table
+    rows), the MLPs with their gradients and two Adam moments, the activations of the larger of a
+    training step and an evaluation batch, a few input batches, and on rank 0 all the tables
+    gathered for model.pt (and, with checkpoints, their optimizer state)."""
     floats = 4
     tables = sum(p.numel() for p in model.embedding_parameters()) * floats
     mlps = sum(p.numel() for p in model.dense_parameters()) * floats
@@ -452,9 +453,12 @@ def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runt
     batches = 3 * max(local_batch, cfg.train.eval_batch_size) * (13 * 4 + 26 * 8 + 4)  # dense, ids, labels
     gathered = 0
     if sharded.rank == 0:
-        gathered = sum(model.vocab_sizes) * dim * floats * (2 if cfg.train.checkpoint_every_steps else 1)
-    row_maps = sum(p.shape[0] for p in model.embedding_parameters()) * 4  # (at most: dense-gradient tables have none)
-    parts = {"runtime": runtime_bytes, "tables": tables, "optimizer_state": tables + row_maps, "mlps": 4 * mlps,
+        state_columns = optim.state_columns(cfg.train.sparse_optimizer, dim) if cfg.train.checkpoint_every_steps else 0
+        gathered = sum(model.vocab_sizes) * (dim + state_columns) * floats
+    rows = sum(p.shape[0] for p in model.embedding_parameters())
+    state = rows * optim.state_columns(cfg.train.sparse_optimizer, dim) * floats
+    row_maps = rows * 4  # (at most: dense-gradient tables have none)
+    parts = {"runtime": runtime_bytes, "tables": tables, "optimizer_state": state + row_maps, "mlps": 4 * mlps,
              "activations": max(train, evaluation) * floats, "batches": batches, "gathered": gathered}
     return {**parts, "total": sum(parts.values())}
 
@@ -490,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime_bytes = runner.peak_rss_bytes()
 
     kernel, kernel_status = interaction_kernel.load()
-    adagrad, adagrad_status = optim.load_kernel()
-    model, optimizers, ipex = build_model(vocab_sizes, cfg, plan, info.rank, kernel, adagrad)
+    update, update_status = optim.load_kernel()
+    model, optimizers, ipex = build_model(vocab_sizes, cfg, plan, info.rank, kernel, update)
     checkpoint = args.out / CHECKPOINT
     resume = None
     if args.resume or (cfg.train.resume and checkpoint.is_file()):
@@ -500,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runner.log(rank, f"{PROG}: {info.world_size} ranks ({info.launcher} launcher), backend {backend}, "
                      f"{rank.pinning['threads']} threads/rank, ipex: {ipex[1]}, precision {precision}, "
-                     f"interaction kernel: {kernel_status}; sparse Adagrad kernel: {adagrad_status}; "
+                     f"interaction kernel: {kernel_status}; tables' {cfg.train.sparse_optimizer} update: {update_status}; "
                      f"{len(train_data)} train rows, global batch {global_batch}, {cfg.train.epochs} epoch(s); "
                      f"tables: {len(plan.replicated)} replicated, "
                      f"{'/'.join(str(len(plan.owned(r))) for r in range(info.world_size))} sharded per rank")
@@ -540,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             "backend": backend,
             "ipex": {"used": ipex[0], "reason": ipex[1]},
             "interaction_kernel": {"used": kernel is not None, "reason": kernel_status},
-            "adagrad_kernel": {"used": adagrad is not None, "reason": adagrad_status},
+            "sparse_update_kernel": {"used": update is not None, "reason": update_status},
             "shared_memory": {"used": shared_memory is not None, "reason": shared_memory_status},
             "world_size": info.world_size,
             "threads_per_rank": rank.pinning["threads"],

@@ -10,7 +10,7 @@ import torch
 from bench.config import NUM_SPARSE, ModelConfig
 from dlrm import dist, train
 from dlrm.model import DLRM
-from dlrm.optim import SparseAdagrad
+from dlrm.optim import SparseOptimizer
 from dlrm.sharding import ShardedEmbeddings, ShardedIds, plan_tables
 from tests.test_dlrm_data import VOCAB, write_processed
 
@@ -63,7 +63,7 @@ def adagrad_pair(rows: int = 12, dim: int = 3) -> tuple[torch.nn.Parameter, torc
 def test_sparse_adagrad_is_torch_adagrad(coalesced):
     torch.sparse.check_sparse_tensor_invariants.disable()  # the default, made explicit (as dlrm.train does)
     ours, theirs = adagrad_pair()
-    mine, reference = SparseAdagrad([ours], lr=0.1), torch.optim.Adagrad([theirs], lr=0.1)
+    mine, reference = SparseOptimizer([ours], lr=0.1), torch.optim.Adagrad([theirs], lr=0.1)
     for step in range(3):
         ids = torch.tensor([[1, 5, 1, 11, 5, 1][step:]])  # repeated ids, as a batch has them
         grad = torch.sparse_coo_tensor(ids, torch.randn(ids.shape[1], 3), (12, 3))
@@ -81,7 +81,7 @@ def test_dense_gradients_leave_untouched_rows_alone(grad_layout):
     """Dense gradients go through torch's fused Adagrad, which walks the tensors' memory in order:
     a gradient laid out unlike its weight takes the unfused path, with the same result."""
     ours, theirs = adagrad_pair()
-    mine, reference = SparseAdagrad([ours], lr=0.1), torch.optim.Adagrad([theirs], lr=0.1)
+    mine, reference = SparseOptimizer([ours], lr=0.1), torch.optim.Adagrad([theirs], lr=0.1)
     for step in range(3):
         grad = torch.zeros(12, 3)
         grad[[2, 7]] = torch.randn(2, 3)

@@ -1,4 +1,5 @@
-"""The compiled sparse Adagrad (dlrm/sparse_adagrad.c): the PyTorch update's results, its checks and its detection."""
+"""The tables' optimizer (dlrm.optim): each rule against a plain reference, the compiled update
+(dlrm/sparse_update.c) against the PyTorch one, its checks and its detection."""
 
 import shutil
 
@@ -6,14 +7,14 @@ import pytest
 import torch
 
 from dlrm import optim
-from dlrm.optim import SparseAdagrad
+from dlrm.optim import SparseOptimizer
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                     reason="no C compiler (cc or gcc) here")
 
 
 @pytest.fixture(scope="module")
-def kernel() -> optim.AdagradKernel:
+def kernel() -> optim.SparseUpdateKernel:
     loaded, reason = optim.load_kernel()
     assert loaded is not None, reason
     assert reason.startswith("compiled with")
@@ -28,16 +29,55 @@ def zipf_gradient(rows: int, n: int, dim: int, seed: int) -> torch.Tensor:
     return torch.sparse_coo_tensor(ids.unsqueeze(0), torch.randn(n, dim, generator=generator), (rows, dim))
 
 
+def reference_step(rule: str, weight: torch.Tensor, state: torch.Tensor, grad: torch.Tensor, lr: float,
+                   eps: float = 1e-10) -> None:
+    """The rule written out row by row on a dense copy of the gradient (repeats summed by to_dense)."""
+    dense = grad.to_dense()
+    for row in dense.abs().sum(1).nonzero().flatten().tolist():
+        g = dense[row]
+        if rule == "sgd":
+            weight[row] -= lr * g
+            continue
+        state[row] += g * g if rule == "adagrad" else (g * g).mean()
+        weight[row] -= lr * g / (state[row].sqrt() + eps)
+
+
+@pytest.mark.parametrize("rule", ["adagrad", "rowwise_adagrad", "sgd"])
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_each_rule_is_its_formula(rule, dense):
+    """Three batches with repeated rows: the PyTorch update equals the formula on the rows touched, and
+    leaves the others alone; the state has the rule's width (d, 1 or 0 floats per row)."""
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    start = torch.randn(300, 8)
+    weight = torch.nn.Parameter(start.clone())
+    opt = SparseOptimizer([weight], lr=0.1, rule=rule)
+    assert opt.state_sum(weight).shape == (300, optim.state_columns(rule, 8))
+    expected, state = start.clone(), torch.zeros(300, 8 if rule == "adagrad" else 1)
+    touched = torch.zeros(300, dtype=torch.bool)
+    for step in range(3):
+        grad = zipf_gradient(300, 200, 8, seed=step)
+        touched[grad._indices()[0]] = True
+        weight.grad = grad.to_dense() if dense else grad
+        opt.step()
+        reference_step(rule, expected, state, grad, lr=0.1)
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
+    if rule != "sgd":
+        torch.testing.assert_close(opt.state_sum(weight), state, rtol=1e-5, atol=1e-6)
+    assert torch.equal(weight.detach()[~touched], start[~touched]) and (~touched).any()
+
+
 @needs_compiler
+@pytest.mark.parametrize("rule", ["adagrad", "rowwise_adagrad", "sgd"])
 @pytest.mark.parametrize("dim", [3, 64])
-def test_compiled_update_is_the_pytorch_update(kernel, dim):
+def test_compiled_update_is_the_pytorch_update(kernel, dim, rule):
     """Both updates on the same weights for three batches: the same weights and state (up to float
     rounding of the repeats' sums), untouched rows bit for bit untouched, the row map left empty."""
     torch.sparse.check_sparse_tensor_invariants.disable()
     rows = 5000
     start = torch.randn(rows, dim)
     ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    compiled, reference = SparseAdagrad([ours], lr=0.05, kernel=kernel), SparseAdagrad([theirs], lr=0.05)
+    compiled = SparseOptimizer([ours], lr=0.05, rule=rule, kernel=kernel)
+    reference = SparseOptimizer([theirs], lr=0.05, rule=rule)
     touched = torch.zeros(rows, dtype=torch.bool)
     for step in range(3):
         grad = zipf_gradient(rows, 2048, dim, seed=step)
@@ -58,7 +98,7 @@ def test_a_row_out_of_range_raises_and_updates_nothing(kernel):
     torch.sparse.check_sparse_tensor_invariants.disable()
     start = torch.randn(10, 4)
     weight = torch.nn.Parameter(start.clone())
-    opt = SparseAdagrad([weight], lr=0.1, kernel=kernel)
+    opt = SparseOptimizer([weight], lr=0.1, kernel=kernel)
     weight.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3, 1, 10, 2]]), torch.ones(5, 4), (10, 4))
     with pytest.raises(IndexError, match="gradient row 3 names weight row 10, outside the weight's 10 rows"):
         opt.step()
@@ -74,7 +114,7 @@ def test_what_the_kernel_does_not_take_goes_through_pytorch(kernel):
     ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     grad = zipf_gradient(50, 40, 4, seed=0).double()
     assert not kernel.accepts(ours, torch.zeros_like(ours), grad)
-    compiled, reference = SparseAdagrad([ours], lr=0.1, kernel=kernel), SparseAdagrad([theirs], lr=0.1)
+    compiled, reference = SparseOptimizer([ours], lr=0.1, kernel=kernel), SparseOptimizer([theirs], lr=0.1)
     ours.grad, theirs.grad = grad, grad
     compiled.step()
     reference.step()
