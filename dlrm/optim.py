@@ -57,6 +57,8 @@ class SparseUpdateKernel:
         if code < 0:
             raise IndexError(f"gradient row {-1 - code} names weight row {int(rows[-1 - code])}, outside the "
                              f"weight's {param.shape[0]} rows")
+        # Written through pointers: tell autograd, as in-place ops do (a graph that saved them then raises).
+        torch.autograd.graph.increment_version((param, state))
 
 
 def load_kernel(compiler: str | None = None, march: str = "native") -> tuple[SparseUpdateKernel | None, str]:

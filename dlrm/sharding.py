@@ -141,7 +141,9 @@ class Exchange:
         return _Send.apply(weight, rows, self)
 
     def finish(self, token: torch.Tensor) -> list[torch.Tensor]:
-        """Wait for the vectors; one block [b_me, k_j, d] per rank j."""
+        """Wait for the vectors; one block [b_me, k_j, d] per rank j. Through shared memory the blocks are
+        views of the other ranks' slots, valid until this rank's next exchange (in training, the same
+        step's backward): read them, do not keep or modify them."""
         return list(_Receive.apply(token, self))
 
     def sizes(self) -> tuple[list[int], list[int]]:
@@ -151,9 +153,9 @@ class Exchange:
         return ([b * owned * self.dim for b in self.batch_sizes],
                 [mine * k * self.dim for k in self.tables_per_rank])
 
-    def send_buffer(self, n: int) -> torch.Tensor:
-        """Where to write the ``n`` floats the next ``run`` sends (through shared memory: in place)."""
-        return self.shared.send_buffer(n) if self.shared is not None else torch.empty(n)
+    def send_buffer(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Where to write the ``n`` values the next ``run`` sends (through shared memory: in place, float32)."""
+        return self.shared.send_buffer(n) if self.shared is not None else torch.empty(n, dtype=dtype)
 
     def run(self, send: torch.Tensor, send_sizes: list[int], receive_sizes: list[int]) -> torch.Tensor:
         """Start one all-to-all of the flat ``send`` (``received`` waits for it); returns an empty token."""
@@ -169,14 +171,20 @@ class Exchange:
 
     def received(self) -> list[torch.Tensor]:
         """Wait for the all-to-all ``run`` started: each rank's segment for this rank (flat). Through
-        shared memory they are views of the shared file, valid until this rank's next exchange."""
+        shared memory they are views of the shared file, valid until this rank's next call on it."""
+        if self.shared is None:
+            return list(self.received_whole().split(self.receive_sizes))
+        self.buffers = ()
+        return self.shared.all_to_all_views(self.receive_sizes)
+
+    def received_whole(self) -> torch.Tensor:
+        """``received``'s segments end to end, in a tensor of this rank's own."""
         if self.shared is not None:
-            segments = self.shared.all_to_all_views(self.receive_sizes)
-        else:
-            self.work.wait()
-            segments = list(self.buffers[1].split(self.receive_sizes))
+            return torch.cat(self.received())
+        self.work.wait()
+        whole = self.buffers[1]
         self.work, self.buffers = None, ()
-        return segments
+        return whole
 
 
 class _Send(torch.autograd.Function):
@@ -186,10 +194,14 @@ class _Send(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         send, receive = exchange.sizes()
+        if rows.numel() * weight.shape[1] != sum(send):
+            raise ValueError(f"{tuple(rows.shape)} ids to look up, where the batch sizes {exchange.batch_sizes} "
+                             f"and this rank's {exchange.tables_per_rank[exchange.rank]} tables make "
+                             f"{sum(send) // weight.shape[1]}")
         ctx.exchange, ctx.weight_shape = exchange, weight.shape
         rows = rows.reshape(-1)
         ctx.save_for_backward(rows)
-        buffer = exchange.send_buffer(sum(send))
+        buffer = exchange.send_buffer(sum(send), weight.dtype)
         torch.index_select(weight, 0, rows, out=buffer.view(-1, weight.shape[1]))
         return exchange.run(buffer, send, receive)
 
@@ -197,7 +209,7 @@ class _Send(torch.autograd.Function):
     def backward(ctx, _grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (rows,) = ctx.saved_tensors
         # What F.embedding(sparse=True) gives: a row per lookup, uncoalesced.
-        values = torch.cat(ctx.exchange.received()).view(-1, ctx.weight_shape[1])
+        values = ctx.exchange.received_whole().view(-1, ctx.weight_shape[1])
         return torch.sparse_coo_tensor(rows.unsqueeze(0), values, ctx.weight_shape), None, None
 
 
@@ -215,7 +227,7 @@ class _Receive(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:
         exchange: Exchange = ctx.exchange
         send, receive = exchange.sizes()
-        packed = exchange.send_buffer(sum(receive))
+        packed = exchange.send_buffer(sum(receive), grads[0].dtype)
         for block, grad in zip(packed.split(receive), grads):
             block.view_as(grad).copy_(grad)  # the interaction's gradient blocks are strided views
         return exchange.run(packed, receive, send), None
@@ -246,7 +258,8 @@ class ShardedEmbeddings(nn.Module):
         self.local.reset_parameters(seeds)
 
     def forward(self, ids: ShardedIds) -> list[torch.Tensor]:
-        """[b, n, d] from the replicated tables, then (if any are sharded) [b, k_r, d] from each owner r."""
+        """[b, n, d] from the replicated tables, then (if any are sharded) [b, k_r, d] from each owner r
+        (through shared memory, views valid until the next exchange: see Exchange.finish)."""
         return [b.gather() if isinstance(b, Lookup) else b for b in self.start(ids)()]
 
     def start(self, ids: ShardedIds) -> Callable[[], list[Block]]:

@@ -91,6 +91,7 @@ class SharedMemoryGroup:
                                        offset=HEADER).view(2, world_size, capacity)
         self._calls = 0
         self._exchanging = False  # between all_to_all_start and all_to_all_finish
+        self._lent: int | None = None  # the call send_buffer's slot was handed out for
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
         """``tensor`` (float32, contiguous) replaced by its sum over the ranks. Every rank must call this
@@ -141,7 +142,8 @@ class SharedMemoryGroup:
             raise RuntimeError("a shared-memory group takes one call at a time: all_to_all_start was not finished")
         if n > self.capacity:
             raise ValueError(f"a send buffer of {n} elements is larger than the capacity {self.capacity}")
-        return self._slots[(self._calls + 1) % 2, self.rank, :n]
+        self._lent = self._calls + 1
+        return self._slots[self._lent % 2, self.rank, :n]
 
     def _post(self, tensor: torch.Tensor, splits: list[int]) -> torch.Tensor:
         """Copy ``tensor`` and ``splits`` (an all-to-all's split sizes, or an all-reduce's size) into this
@@ -152,16 +154,23 @@ class SharedMemoryGroup:
         if tensor.dtype != torch.float32 or not tensor.is_contiguous() or n > self.capacity:
             raise ValueError(f"shared-memory collectives take contiguous float32 tensors of up to "
                              f"{self.capacity} elements, got {tensor.dtype} {tuple(tensor.shape)}")
-        self._calls += 1
-        half = self._calls % 2
+        call = self._calls + 1
+        half = call % 2
         slot = self._slots[half, self.rank]
-        if tensor.data_ptr() == self._slots[1 - half, self.rank].data_ptr():
+        in_place = tensor.data_ptr() == slot.data_ptr() and self._lent == call  # written there (send_buffer)
+        if not in_place and self._in_own_slots(tensor):
             raise RuntimeError("a send buffer is for the call right after send_buffer: another call came in between")
-        if tensor.data_ptr() != slot.data_ptr():  # (else the caller wrote it in place: send_buffer)
+        self._calls, self._lent = call, None
+        if not in_place:
             slot[:n].copy_(tensor.view(-1))
         self._splits[half, self.rank] = torch.tensor(splits)
         self._sequence[self.rank] = self._calls  # after the data (x86: stores stay in order)
         return self._slots[half]
+
+    def _in_own_slots(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` starts inside this rank's slot of either half."""
+        starts = [self._slots[half, self.rank].data_ptr() for half in (0, 1)]
+        return any(start <= tensor.data_ptr() < start + 4 * self.capacity for start in starts)
 
     def _wait_for_all(self) -> None:
         """Until every rank has posted this call. A rank that died (killed, crashed) would never post:

@@ -174,3 +174,14 @@ def test_sparse_replicated_tables_follow_one_rank_too(tmp_path):
     mean_of_two = (losses[1][0]["losses"].numpy() + losses[1][1]["losses"].numpy()) / 2
     np.testing.assert_allclose(mean_of_two, losses[0][0]["losses"].numpy(), rtol=0, atol=2e-5)
     assert json.loads((two["dir"] / "train.json").read_text())["auc"] == pytest.approx(one["result"]["auc"], abs=1e-4)
+
+
+def test_an_exchange_of_the_wrong_number_of_ids_says_so():
+    """Ids for 2 rows where the batch sizes make 3: an error before anything is sent (an exchange
+    writing into its send buffer in place would otherwise send the buffer's stale third row)."""
+    from dlrm.sharding import Exchange
+
+    exchange = Exchange(batch_sizes=(3,), tables_per_rank=(1,), rank=0)
+    with pytest.raises(ValueError, match=r"\(2, 1\) ids to look up, where the batch sizes \(3,\) and this "
+                                         r"rank's 1 tables make 3"):
+        exchange.start(torch.randn(10, 4), torch.tensor([[1], [2]]))

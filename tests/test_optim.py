@@ -94,6 +94,22 @@ def test_compiled_update_is_the_pytorch_update(kernel, dim, rule):
 
 
 @needs_compiler
+def test_the_compiled_update_tells_autograd(kernel):
+    """Weights changed through pointers count as changed in place: a graph that saved them raises in
+    backward instead of computing gradients from the updated weights."""
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    weight = torch.nn.Parameter(torch.randn(10, 4))
+    opt = SparseOptimizer([weight], lr=0.1, kernel=kernel)
+    pending = (weight * weight).sum()  # saves the weight for its backward
+    weight.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.ones(2, 4), (10, 4))
+    before = weight._version
+    opt.step()
+    assert weight._version > before and opt.state_sum(weight)._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        pending.backward()
+
+
+@needs_compiler
 def test_a_row_out_of_range_raises_and_updates_nothing(kernel):
     torch.sparse.check_sparse_tensor_invariants.disable()
     start = torch.randn(10, 4)

@@ -171,9 +171,12 @@ def test_a_group_takes_one_call_at_a_time():
             call()
 
 
-def test_a_send_buffer_is_posted_in_place_and_only_by_the_next_call():
-    """Written into send_buffer, a tensor is posted without a copy: the rank reads its own segment from
-    the very memory it wrote. A call in between takes that slot's turn: the buffer is then refused."""
+def test_a_send_buffer_is_posted_where_it_was_written_and_only_by_its_call():
+    """Written into send_buffer, a tensor is posted from there (the rank reads its own segment at the
+    very memory it wrote; a copy of the slot onto itself would show nothing, so the bookkeeping is
+    checked instead: a buffer is taken only by the call it was handed out for). Any call in between,
+    or a buffer two calls old (the same half again), is refused, and the refused call leaves the
+    group's call count where it was."""
     buffer = mmap.mmap(-1, shm.file_bytes(1, 4))
     shm.pid_slots(buffer, 1)[0] = os.getpid()
     group = shm.SharedMemoryGroup(buffer, rank=0, world_size=1, capacity=4, timeout_s=1)
@@ -185,11 +188,15 @@ def test_a_send_buffer_is_posted_in_place_and_only_by_the_next_call():
         assert view.data_ptr() == send.data_ptr() and torch.equal(view, torch.full((3,), value))
     with pytest.raises(ValueError, match="a send buffer of 5 elements is larger than the capacity 4"):
         group.send_buffer(5)
-    stale = group.send_buffer(2)
-    group.all_to_all_start(torch.ones(2), [2])
-    group.all_to_all_views([2])
-    with pytest.raises(RuntimeError, match="another call came in between"):
-        group.all_to_all_start(stale, [2])
+    for calls_between in (1, 2):
+        stale = group.send_buffer(2)
+        for _ in range(calls_between):
+            group.all_to_all_start(torch.ones(2), [2])
+            group.all_to_all_views([2])
+        calls = group._calls
+        with pytest.raises(RuntimeError, match="another call came in between"):
+            group.all_to_all_start(stale, [2])
+        assert group._calls == calls and not group._exchanging
     group.all_to_all_start(torch.ones(2), [2])
     with pytest.raises(RuntimeError, match="one call at a time: all_to_all_start was not finished"):
         group.send_buffer(2)
