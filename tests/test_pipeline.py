@@ -79,6 +79,12 @@ def test_tiny_pipeline_ran_on_the_real_engines(tiny_run):
     assert inf["malloc_environment"] == launch.SERVING_MALLOC
     assert inf["samples_per_s"] > 0 and 0 < inf["latency_ms"]["p50"] <= inf["latency_ms"]["p99"]
     assert r["machine"]["logical_cpus"] >= 1 and r["machine"]["memory_bytes"] > 0
+    # The GEMM rates measured before and after training; the roofline's ceiling is the best reading.
+    measured = r["machine"]["measured"]
+    fp32 = measured["gemm_gflops_readings"]["fp32"]
+    assert len(fp32) == 2 and measured["gemm_gflops"]["fp32"] == max(fp32)
+    assert measured["machine_gemm_gflops"]["fp32"] == max(fp32) * r["cluster"]["ranks"]
+    assert len(measured["gemm_gflops_readings"]["bf16"]) == 1  # trained in fp32: bf16 measured once
     assert r["git"]["sha"] is None or len(r["git"]["sha"]) == 40
 
 

@@ -110,3 +110,14 @@ def test_cli_prints_the_dict_as_json(fake_probes, capsys):
     assert roofline.main(["--threads", "1", "--ranks", "2"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["machine_gemm_gflops"]["fp32"] == 100.0 and printed["ranks"] == 2
+
+
+def test_later_gemm_readings_raise_the_ceiling_and_are_kept():
+    measured = {"gemm_gflops": {"fp32": 166.0, "bf16": 1300.0}, "machine_gemm_gflops": {"fp32": 332.0, "bf16": 2600.0},
+                "ranks": 2}
+    roofline.add_gemm_readings(measured, {"fp32": 183.0})
+    assert measured["gemm_gflops"] == {"fp32": 183.0, "bf16": 1300.0}
+    assert measured["machine_gemm_gflops"] == {"fp32": 366.0, "bf16": 2600.0}
+    roofline.add_gemm_readings(measured, {"fp32": 170.0, "bf16": 1200.0})  # lower readings change nothing
+    assert measured["gemm_gflops"] == {"fp32": 183.0, "bf16": 1300.0}
+    assert measured["gemm_gflops_readings"] == {"fp32": [166.0, 183.0, 170.0], "bf16": [1300.0, 1200.0]}
