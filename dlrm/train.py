@@ -451,12 +451,12 @@ def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runt
     widest = max(cfg.model.bottom_mlp + cfg.model.top_mlp)
     evaluation = cfg.train.eval_batch_size * (interaction + 2 * widest + world_size * owned)
     batches = 3 * max(local_batch, cfg.train.eval_batch_size) * (13 * 4 + 26 * 8 + 4)  # dense, ids, labels
+    columns = optim.state_columns(cfg.train.sparse_optimizer, dim)  # optimizer state per table row
     gathered = 0
     if sharded.rank == 0:
-        state_columns = optim.state_columns(cfg.train.sparse_optimizer, dim) if cfg.train.checkpoint_every_steps else 0
-        gathered = sum(model.vocab_sizes) * (dim + state_columns) * floats
+        gathered = sum(model.vocab_sizes) * (dim + (columns if cfg.train.checkpoint_every_steps else 0)) * floats
     rows = sum(p.shape[0] for p in model.embedding_parameters())
-    state = rows * optim.state_columns(cfg.train.sparse_optimizer, dim) * floats
+    state = rows * columns * floats
     row_maps = rows * 4  # (at most: dense-gradient tables have none)
     parts = {"runtime": runtime_bytes, "tables": tables, "optimizer_state": state + row_maps, "mlps": 4 * mlps,
              "activations": max(train, evaluation) * floats, "batches": batches, "gathered": gathered}
