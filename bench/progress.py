@@ -95,11 +95,16 @@ def _figure(name: str, rec: dict) -> str:
         floor = f" (parse floor {rec['parse_floor_rows_per_s']:,.0f})" if rec.get("parse_floor_rows_per_s") else ""
         return f"{rec['rows_per_s']:,.0f} rows/s{floor}, {rec.get('rows_rejected', 0)} rejected{reused}"
     if name == "train" and "samples_per_s" in rec:
-        return f"{rec['samples_per_s']:,.0f} samples/s"
+        return f"{rec['samples_per_s']:,.0f} samples/s{_fraction(rec)}"
     if name == "evaluate" and "auc" in rec:
         oracle = f" (oracle {rec['oracle_auc']:.4f})" if "oracle_auc" in rec else ""
         return f"AUC {rec['auc']:.4f}{oracle}, logloss {rec['logloss']:.4f}"
     if name == "inference" and "samples_per_s" in rec:
         lat = rec["latency_ms"]
-        return f"{rec['samples_per_s']:,.0f} samples/s, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms"
+        return f"{rec['samples_per_s']:,.0f} samples/s, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms{_fraction(rec)}"
     return reused.strip()
+
+
+def _fraction(rec: dict) -> str:
+    """The stage's roofline fraction (inference: its best batch size's), when it has one."""
+    return f", {rec['roofline_fraction']:.2f} of the roofline" if "roofline_fraction" in rec else ""

@@ -302,7 +302,9 @@ SUMMARY = [
     ("test log loss", "stages.evaluate.logloss", ""),
     ("test accuracy", "stages.evaluate.accuracy", ""),
     ("training throughput", "stages.train.samples_per_s", "samples/s"),
-    ("training roofline fraction", "stages.train.roofline_fraction", ""),
+    ("training roofline fraction (GEMM rate sampled during training)", "stages.train.roofline_fraction", ""),
+    ("training GEMM rate sampled during training, all ranks", "stages.train.gemm_in_run.machine_gflops", "GFLOP/s"),
+    ("training roofline fraction (best GEMM probe)", "stages.train.roofline_fraction_best_probe", ""),
     ("loader throughput / training throughput", "stages.train.loader.ratio_to_training", ""),
     ("training final loss", "stages.train.final_loss", ""),
     ("data generation", "stages.data.rows_per_s", "rows/s"),
@@ -314,6 +316,8 @@ SUMMARY = [
     ("inference latency p99", "stages.inference.latency_ms.p99", "ms"),
     ("inference batch size", "stages.inference.batch_size", ""),
     ("inference roofline fraction (best batch size)", "stages.inference.roofline_fraction", ""),
+    ("inference GEMM rate sampled around that batch size, all ranks", "stages.inference.gemm_gflops", "GFLOP/s"),
+    ("inference roofline fraction (best GEMM probe)", "stages.inference.roofline_fraction_best_probe", ""),
     ("run wall time", "total_seconds", "s"),
 ]
 

@@ -1,7 +1,7 @@
 """Inference benchmark of a trained DLRM on CPU ranks: batch-size sweep, precision variants, roofline.
 
     [mpiexec -n R ...] python -m dlrm.inference --config RUN/config.json --data PROCESSED_DIR \\
-        --checkpoint RUN_DIR/model.pt --out RUN_DIR [--gemm-gflops X]
+        --checkpoint RUN_DIR/model.pt --out RUN_DIR
 
 Timing. Before any clock starts, each rank reads rows of its contiguous shard of the
 ``val`` split into tensors once; every batch is then a slice of those tensors, so the
@@ -45,9 +45,12 @@ batch size (int8's activation scales depend on the batch), with exact AUC and lo
 gathered from every rank's shard as training's evaluation does, so a faster variant
 cannot hide an accuracy loss.
 
-Roofline. flops_per_sample is the forward pass's arithmetic (dlrm.roofline). Given
---gemm-gflops, the fp32 GEMM GFLOP/s of all the ranks together, every sweep point gets
-the share of that compute ceiling its samples/s reaches.
+Roofline. flops_per_sample is the forward pass's arithmetic (dlrm.roofline). Around every
+fp32 sweep point each rank samples the fp32 GEMM rate on its own cores, all ranks side by
+side (dlrm.roofline.GemmProbe, GEMM_SAMPLE_S before the warm-up and again after the timed
+batches): the point's ceiling is the sum over the ranks of their mean, and its roofline
+fraction the share of that ceiling its samples/s reaches. The host's clock moves from one
+second to the next, so a ceiling measured at another moment of the run says less.
 
 Rank 0 writes RUN_DIR/inference.json; a "point" is {batch_size, samples_per_s (summed over
 ranks), latency_ms {p50, p99, mean}, batches and rows (over all ranks), ranks,
@@ -55,11 +58,11 @@ threads_per_rank, per_rank_samples_per_s}:
     the fp32 point at inference.batch_size, spread at the top level
     warmup_batches, seconds_per_point, ipex {used, reason}, compile {used, reason} and
                       interaction_kernel {used, reason} (both the fp32 sweep's)
-    sweep             [point (+ roofline_fraction)] by batch size
+    sweep             [point + gemm_gflops, roofline_fraction] by batch size
     best              {batch_size, samples_per_s} of the fastest sweep point
     variants          {name: {auc, logloss, accuracy, samples_per_s, latency_ms, batches, compiled}}
     val_rows, flops_per_sample
-    gemm_gflops, roofline_fraction (the best point's)     only with --gemm-gflops
+    gemm_gflops, roofline_fraction     the best point's
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ from dlrm.model import DLRM, _pairs
 from preprocess.layout import ProcessedData
 
 PROG = "dlrm.inference"
+GEMM_SAMPLE_S = 0.1  # each GEMM sample around an fp32 sweep point, on every rank
 
 Inputs = tuple[torch.Tensor, torch.Tensor]  # dense [n, 13], ids [n, 26]: the rows timed batches slice
 
@@ -258,10 +262,16 @@ def plan(shard: Range, batch_size: int, warmup: int, max_batches: int) -> tuple[
 
 
 @torch.inference_mode()
-def time_point(model: nn.Module, inputs: Inputs, batch_size: int, inf: InferenceConfig) -> dict:
-    """This rank's per-batch forward latencies (seconds) at one batch size, and the rows they scored."""
+def time_point(model: nn.Module, inputs: Inputs, batch_size: int, inf: InferenceConfig,
+               probe: roofline.GemmProbe | None = None) -> dict:
+    """This rank's per-batch forward latencies (seconds) at one batch size, and the rows they scored;
+    with a ``probe``, also its GEMM rate sampled before and after (``gemm_readings``, GFLOP/s)."""
     dense, ids = inputs
     warm, timed = plan((0, len(dense)), batch_size, inf.warmup_batches, inf.max_batches)
+    readings = []
+    if probe is not None:
+        torch_dist.barrier()  # the ranks sample side by side, as they run the point
+        readings.append(probe.sample(GEMM_SAMPLE_S))
     for start, stop in warm:
         model(dense[start:stop], ids[start:stop])
     torch_dist.barrier()  # the ranks' timed loops run side by side
@@ -276,14 +286,17 @@ def time_point(model: nn.Module, inputs: Inputs, batch_size: int, inf: Inference
         rows += stop - start
         if end >= deadline:
             break
-    return {"latencies": latencies, "rows": rows}
+    if probe is not None:
+        readings.append(probe.sample(GEMM_SAMPLE_S))
+    return {"latencies": latencies, "rows": rows, "gemm_readings": readings}
 
 
 def summarise(per_rank: list[dict], batch_size: int, threads: int) -> dict:
-    """One point from every rank's latencies: the ranks ran side by side, so their rates add up."""
+    """One point from every rank's latencies: the ranks ran side by side, so their rates add up (and so
+    do their GEMM rates: the point's gemm_gflops, when sampled)."""
     latencies_ms = np.concatenate([np.asarray(r["latencies"]) for r in per_rank]) * 1000.0
     rates = [r["rows"] / sum(r["latencies"]) for r in per_rank]
-    return {
+    point = {
         "batch_size": batch_size,
         "samples_per_s": float(sum(rates)),
         "latency_ms": {
@@ -297,11 +310,16 @@ def summarise(per_rank: list[dict], batch_size: int, threads: int) -> dict:
         "threads_per_rank": threads,
         "per_rank_samples_per_s": [float(rate) for rate in rates],
     }
+    gemm = roofline.in_run_gemm([r["gemm_readings"] for r in per_rank], GEMM_SAMPLE_S, "fp32")
+    if gemm is not None:
+        point["gemm_gflops"] = gemm["machine_gflops"]
+    return point
 
 
-def measure(rank: runner.Rank, model: nn.Module, inputs: Inputs, batch_size: int, inf: InferenceConfig) -> dict:
+def measure(rank: runner.Rank, model: nn.Module, inputs: Inputs, batch_size: int, inf: InferenceConfig,
+            probe: roofline.GemmProbe | None = None) -> dict:
     """One point, timed on every rank and summarised over all of them (on every rank)."""
-    per_rank = dist.all_gather(time_point(model, inputs, batch_size, inf))
+    per_rank = dist.all_gather(time_point(model, inputs, batch_size, inf, probe))
     point = summarise(per_rank, batch_size, rank.pinning["threads"])
     latency = point["latency_ms"]
     runner.log(rank, f"{PROG}:   batch {batch_size}: {point['samples_per_s']:.0f} samples/s, latency p50 "
@@ -311,15 +329,17 @@ def measure(rank: runner.Rank, model: nn.Module, inputs: Inputs, batch_size: int
 
 def benchmark(rank: runner.Rank, model: DLRM, val: ProcessedData, inputs: Inputs, sizes: list[int],
               inf: InferenceConfig, use_ipex: bool) -> tuple[list[dict], dict[str, dict]]:
-    """The fp32 sweep over ``sizes``, and every variant's val scores next to its speed at
-    inf.batch_size (the variants on rank 0 only: the scores are gathered there)."""
+    """The fp32 sweep over ``sizes`` (with the GEMM rate sampled around each point), and every variant's
+    val scores next to its speed at inf.batch_size (the variants on rank 0 only: the scores are
+    gathered there)."""
     sweep: list[dict] = []
     variants: dict[str, dict] = {}
+    probe = roofline.GemmProbe(torch.float32)
     for name in inf.variants:  # fp32 is always among them (see InferenceConfig)
         runner.log(rank, f"{PROG}: {name}")
         variant, compiled = prepare(rank, model, name, inputs, use_ipex, inf.compile)
         if name == "fp32":
-            sweep = [measure(rank, variant, inputs, size, inf) for size in sizes]
+            sweep = [measure(rank, variant, inputs, size, inf, probe) for size in sizes]
             point = sweep[sizes.index(inf.batch_size)]
         else:
             point = measure(rank, variant, inputs, inf.batch_size, inf)
@@ -333,7 +353,7 @@ def benchmark(rank: runner.Rank, model: DLRM, val: ProcessedData, inputs: Inputs
 
 
 def report(sweep: list[dict], variants: dict[str, dict], cfg: bench_config.Config, val_rows: int,
-           ipex: tuple[bool, str], gemm_gflops: float | None, kernel: tuple[bool, str]) -> dict:
+           ipex: tuple[bool, str], kernel: tuple[bool, str]) -> dict:
     """inference.json (see the module docstring); ``kernel``: whether the interaction kernel loaded, and why (not)."""
     inf = cfg.inference
     best = max(sweep, key=lambda p: p["samples_per_s"])
@@ -353,26 +373,16 @@ def report(sweep: list[dict], variants: dict[str, dict], cfg: bench_config.Confi
         "val_rows": val_rows,
         "flops_per_sample": flops,
     }
-    if gemm_gflops is not None:
-        for point in sweep:
-            point["roofline_fraction"] = roofline.roofline_fraction(point["samples_per_s"], flops, gemm_gflops)
-        result["gemm_gflops"] = gemm_gflops
-        result["roofline_fraction"] = best["roofline_fraction"]
+    for point in sweep:
+        point["roofline_fraction"] = roofline.roofline_fraction(point["samples_per_s"], flops, point["gemm_gflops"])
+    result["gemm_gflops"] = best["gemm_gflops"]
+    result["roofline_fraction"] = best["roofline_fraction"]
     return result
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = runner.entry_parser(PROG, __doc__, out_help="run folder for inference.json")
     parser.add_argument("--checkpoint", type=Path, required=True, help="model.pt written by dlrm.train")
-    parser.add_argument("--gemm-gflops", type=positive_float,
-                        help="fp32 GEMM GFLOP/s of all the ranks together: adds roofline fractions")
     return parser.parse_args(argv)
 
 
@@ -395,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"batch sizes {sizes}, variants {inf.variants} at batch {inf.batch_size}")
     sweep, variants = benchmark(rank, model, val, inputs, sizes, inf, ipex[0])
     if rank.is_main:
-        result = report(sweep, variants, cfg, len(val), ipex, args.gemm_gflops, (kernel is not None, kernel_status))
+        result = report(sweep, variants, cfg, len(val), ipex, (kernel is not None, kernel_status))
         runner.log(rank, f"{PROG}: {result['samples_per_s']:.0f} samples/s at batch {inf.batch_size}; best "
                          f"{result['best']['samples_per_s']:.0f} samples/s at batch {result['best']['batch_size']}")
         atomic_write_json(args.out / "inference.json", result)

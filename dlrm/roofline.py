@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ PROG = "dlrm.roofline"
 # Timed windows per measurement; the best one is reported.
 REPEATS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROBE_N = 1024  # the reference product's size: n x n by n x n
 
 
 @contextmanager
@@ -45,6 +47,18 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def window_rate(op: Callable[[], object], work_per_call: float, seconds: float) -> float:
+    """Work/second of ``op`` called over and over for about ``seconds`` (at least once)."""
+    calls = 0
+    start = time.perf_counter()
+    while True:
+        op()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return calls * work_per_call / elapsed
+
+
 def best_rate(op: Callable[[], object], work_per_call: float, seconds: float) -> float:
     """Best work/second of ``op`` over REPEATS windows that together last about ``seconds``.
 
@@ -52,33 +66,42 @@ def best_rate(op: Callable[[], object], work_per_call: float, seconds: float) ->
     Each window runs at least one call, so a tiny ``seconds`` still measures something.
     """
     op()
-    window = seconds / REPEATS
-    best = 0.0
-    for _ in range(REPEATS):
-        calls = 0
-        start = time.perf_counter()
-        while True:
-            op()
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= window:
-                break
-        best = max(best, calls * work_per_call / elapsed)
-    return best
+    return max(window_rate(op, work_per_call, seconds / REPEATS) for _ in range(REPEATS))
 
 
-def measure_gemm(threads: int, dtype: torch.dtype, seconds: float = 1.0, n: int = 1024) -> float:
-    """Dense GEMM GFLOP/s of ``torch.mm`` on n x n ``dtype`` matrices with ``threads`` threads.
+class GemmProbe:
+    """``torch.mm`` of n x n ``dtype`` matrices, the roofline's reference product: an n x n x n product
+    is n^3 multiply-adds, 2 n^3 flops. Its matrices are made once, so a run can sample the rate
+    between pieces of its own work (``sample``) with nothing allocated."""
 
-    An n x n x n product is n^3 multiply-adds, 2 n^3 flops. bf16 is measured whether or
-    not the CPU has native bf16 (see ``bf16_native``): without it the number is simply low.
+    def __init__(self, dtype: torch.dtype, n: int = PROBE_N):
+        self.a = torch.randn(n, n).to(dtype)
+        self.b = torch.randn(n, n).to(dtype)
+        self.c = torch.empty(n, n, dtype=dtype)  # a preallocated output keeps the allocator out of the timing
+        self.flops = 2.0 * n**3
+        self.readings: list[float] = []
+
+    def __call__(self) -> None:
+        torch.mm(self.a, self.b, out=self.c)
+
+    def sample(self, seconds: float) -> float:
+        """GFLOP/s over one window of about ``seconds`` with this process's threads, after one untimed
+        call (the run's own work has just evicted the matrices from the caches); kept in ``readings``."""
+        self()
+        gflops = window_rate(self, self.flops, seconds) / 1e9
+        self.readings.append(gflops)
+        return gflops
+
+
+def measure_gemm(threads: int, dtype: torch.dtype, seconds: float = 1.0, n: int = PROBE_N) -> float:
+    """Dense GEMM GFLOP/s of ``GemmProbe``'s product with ``threads`` threads: the best of REPEATS windows.
+
+    bf16 is measured whether or not the CPU has native bf16 (see ``bf16_native``): without
+    it the number is simply low.
     """
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    # Writing into a preallocated output keeps the allocator out of the timing.
-    c = torch.empty(n, n, dtype=dtype)
+    probe = GemmProbe(dtype, n)
     with torch_threads(threads):
-        return best_rate(lambda: torch.mm(a, b, out=c), 2.0 * n**3, seconds) / 1e9
+        return best_rate(probe, probe.flops, seconds) / 1e9
 
 
 def bf16_native() -> bool:
@@ -185,6 +208,25 @@ def add_gemm_readings(measured: dict, again: dict[str, float]) -> dict:
         measured["gemm_gflops"][dtype] = max(readings[dtype])
         measured["machine_gemm_gflops"][dtype] = measured["gemm_gflops"][dtype] * measured["ranks"]
     return measured
+
+
+def in_run_gemm(per_rank: list[list[float]], seconds_per_sample: float, precision: str) -> dict | None:
+    """The GEMM rate the ranks had during a run, from the samples each took side by side with the
+    others (``GemmProbe.sample``, each rank on its own cores): the machine's figure is the sum of the
+    ranks' means, a mean of equal windows being the rate averaged over the time sampled. None
+    without samples."""
+    if not all(per_rank):
+        return None
+    means = [statistics.fmean(readings) for readings in per_rank]
+    return {
+        "precision": precision,
+        "machine_gflops": sum(means),
+        "per_rank_mean_gflops": means,
+        "min_gflops": min(min(readings) for readings in per_rank),
+        "max_gflops": max(max(readings) for readings in per_rank),
+        "samples": min(len(readings) for readings in per_rank),
+        "seconds_per_sample": seconds_per_sample,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

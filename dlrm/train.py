@@ -40,7 +40,9 @@ Options (train.* in the profile, all off in the small profiles):
 
 Before the clock starts, each rank times its loader alone on the first batches
 (loader.samples_per_s: global-batch samples per second it could feed; its ratio to the
-training rate says whether the loader could starve training).
+training rate says whether the loader could starve training). Every GEMM_SAMPLE_EVERY of the
+steps, off the clock, each rank samples the GEMM rate of its cores (the roofline's ceiling: train.json
+gemm_in_run), all ranks side by side as they train.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ PROG = "dlrm.train"
 PROGRESS_EVERY = 0.02  # of the steps
 FINAL_LOSS_WINDOW = 0.01  # of the steps
 LOADER_BATCHES = 200  # timed before training
+GEMM_SAMPLE_EVERY = 0.05  # of the steps: the roofline's GEMM rate sampled in the run (roofline.GemmProbe) ...
+GEMM_SAMPLE_S = 0.1  # ... for this long each time, off the clock
 CHECKPOINT = "checkpoint.pt"  # in RUN_DIR
 PHASES = ("data", "forward", "backward", "gradient_sync", "optimizer")
 
@@ -284,6 +288,11 @@ def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer
         auc_curve = resume["auc_curve"]
     phases = dict.fromkeys(PHASES, 0.0)
     early_stopped = False
+    # The ceiling of the roofline fraction, sampled on this rank's cores while the others sample theirs:
+    # the host's clock moves (here 168 GFLOP/s most of the time, bursts of 200-213 for a second or so), and
+    # the run's GEMMs ran at whatever it was meanwhile.
+    probe = roofline.GemmProbe(roofline.DTYPES[precision])
+    sample_every = max(1, round(steps * GEMM_SAMPLE_EVERY))
 
     model.train()
     torch_dist.barrier()  # all ranks start the clock together
@@ -329,6 +338,8 @@ def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer
             last_step, last_time = step, now
 
         pause_start = time.perf_counter()
+        if step % sample_every == 0 or step == steps:
+            probe.sample(GEMM_SAMPLE_S)
         if opts.eval_every_steps and step % opts.eval_every_steps == 0 and step < steps:
             scores = evaluate(rank, model, test_data, opts.eval_batch_size, rows=opts.eval_rows, plan=tables.plan)
             auc_curve.append(report_eval(rank, scores, step, steps, global_batch))
@@ -359,6 +370,7 @@ def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer
         "early_stopped": early_stopped,
         "auc_curve": auc_curve,
         "phase_seconds": phases,
+        "gemm_readings": probe.readings,
     }
 
 
@@ -431,8 +443,9 @@ def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runt
     model: Python, torch, the libraries), its tables and their optimizer state (Adagrad's as large,
     row-wise Adagrad's 1/d of it, SGD's none; and the compiled update's int32 map of the table
     rows), the MLPs with their gradients and two Adam moments, the activations of the larger of a
-    training step and an evaluation batch, a few input batches, and on rank 0 all the tables
-    gathered for model.pt (and, with checkpoints, their optimizer state)."""
+    training step and an evaluation batch, a few input batches, the GEMM probe's matrices (train's
+    roofline samples), and on rank 0 all the tables gathered for model.pt (and, with checkpoints, their
+    optimizer state)."""
     floats = 4
     tables = sum(p.numel() for p in model.embedding_parameters()) * floats
     mlps = sum(p.numel() for p in model.dense_parameters()) * floats
@@ -458,8 +471,10 @@ def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runt
     rows = sum(p.shape[0] for p in model.embedding_parameters())
     state = rows * columns * floats
     row_maps = rows * 4  # (at most: dense-gradient tables have none)
+    probe = 3 * roofline.PROBE_N**2 * roofline.DTYPES[resolve_precision(cfg.train.precision)].itemsize
     parts = {"runtime": runtime_bytes, "tables": tables, "optimizer_state": state + row_maps, "mlps": 4 * mlps,
-             "activations": max(train, evaluation) * floats, "batches": batches, "gathered": gathered}
+             "activations": max(train, evaluation) * floats, "batches": batches, "gemm_probe": probe,
+             "gathered": gathered}
     return {**parts, "total": sum(parts.values())}
 
 
@@ -525,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     state = full_state_dict(model)
     per_rank = dist.all_gather({"pinning": rank.pinning, "peak_rss_bytes": runner.peak_rss_bytes(),
                                 "memory_estimate_bytes": memory_estimate(model, cfg, info.world_size, runtime_bytes),
-                                "loader": loader, "phase_seconds": result.pop("phase_seconds")})
+                                "loader": loader, "phase_seconds": result.pop("phase_seconds"),
+                                "gemm_readings": result.pop("gemm_readings")})
     if rank.is_main:
         runner.log(rank, f"{PROG}: test AUC {scores['auc']}, logloss {scores['logloss']:.4f}, "
                          f"accuracy {scores['accuracy']:.4f} over {scores['test_rows']} rows")
@@ -554,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             "loader": {"samples_per_s": loader_rate, "ratio_to_training": loader_rate / result["samples_per_s"],
                        "per_rank": [r["loader"] for r in per_rank]},
             "phase_seconds": [r["phase_seconds"] for r in per_rank],
+            "gemm_in_run": roofline.in_run_gemm([r["gemm_readings"] for r in per_rank], GEMM_SAMPLE_S, precision),
             "peak_rss_bytes": [r["peak_rss_bytes"] for r in per_rank],
             "memory_estimate_bytes": [r["memory_estimate_bytes"] for r in per_rank],
             **scores,

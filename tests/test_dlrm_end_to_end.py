@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from bench.config import resolve
+from dlrm import train
 from tests.test_dlrm_data import write_processed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,8 +196,9 @@ def test_training_learns_and_counts_every_row(trained):
                                      "warmup_steps": 0, "decay_start_step": 0, "decay_steps": 0}
     assert len(result["peak_rss_bytes"]) == 2 and all(b > 50 << 20 for b in result["peak_rss_bytes"])
     for rank, (peak, estimate) in enumerate(zip(result["peak_rss_bytes"], result["memory_estimate_bytes"])):
-        parts = ("runtime", "tables", "optimizer_state", "mlps", "activations", "batches", "gathered")
+        parts = ("runtime", "tables", "optimizer_state", "mlps", "activations", "batches", "gemm_probe", "gathered")
         assert estimate["total"] == sum(estimate[p] for p in parts) and estimate["tables"] > 0
+        assert estimate["gemm_probe"] == 3 * 1024 * 1024 * 4  # three fp32 1024 x 1024 matrices
         # Rank 0 gathers every table, and (checkpoints on) their Adagrad state: 2 x sum(vocab) x d floats.
         rows = result["sharding"]["replicated_rows"] + sum(r["rows"] for r in result["sharding"]["ranks"])
         assert estimate["gathered"] == (2 * rows * cfg.model.embedding_dim * 4 if rank == 0 else 0)
@@ -211,6 +213,13 @@ def test_training_learns_and_counts_every_row(trained):
     assert [set(p) for p in result["phase_seconds"]] == [{"data", "forward", "backward", "gradient_sync",
                                                           "optimizer"}] * 2
     assert result["ccl_environment"] is None  # gloo
+    # The roofline's ceiling, sampled by both ranks every 5% of the steps and after the last.
+    every = max(1, round(steps * train.GEMM_SAMPLE_EVERY))
+    gemm = result["gemm_in_run"]
+    assert gemm["samples"] == len({s for s in range(1, steps + 1) if s % every == 0} | {steps})
+    assert gemm["precision"] == "fp32" and len(gemm["per_rank_mean_gflops"]) == 2
+    assert gemm["machine_gflops"] == pytest.approx(sum(gemm["per_rank_mean_gflops"]))
+    assert 0 < gemm["min_gflops"] <= min(gemm["per_rank_mean_gflops"]) <= max(gemm["per_rank_mean_gflops"]) <= gemm["max_gflops"]
     print(f"\ntiny training: {result['samples_per_s']:.0f} samples/s on 2 ranks, AUC {result['auc']:.4f}")
 
 

@@ -25,7 +25,6 @@ from tests.test_dlrm_end_to_end import run
 
 ROWS = {"train": 8192, "test": 10, "val": 3000}
 TRAIN_BATCH = 256
-GEMM_GFLOPS = 50.0
 # TorchInductor compiles its kernels with the C++ compiler it finds (g++ by default on Linux);
 # without one dlrm.inference runs the variants eagerly.
 CAN_COMPILE = shutil.which("g++") is not None
@@ -55,14 +54,14 @@ def checkpoint(tmp_path_factory) -> dict:
     return {"dir": run_dir, "data": processed, "model": run_dir / "model.pt"}
 
 
-def infer(checkpoint: dict, name: str, overrides: list[str], ranks: int | None, extra: list[str] = ()) -> dict:
+def infer(checkpoint: dict, name: str, overrides: list[str], ranks: int | None) -> dict:
     """inference.json of dlrm.inference run on the checkpoint with the tiny profile and ``overrides``."""
     out = checkpoint["dir"] / name
     out.mkdir()
     config = out / "config.json"
     config.write_text(json.dumps(resolve("tiny", overrides).to_json()))
     run(["-m", "dlrm.inference", "--config", str(config), "--data", str(checkpoint["data"]),
-         "--checkpoint", str(checkpoint["model"]), "--out", str(out), *extra], ranks=ranks)
+         "--checkpoint", str(checkpoint["model"]), "--out", str(out)], ranks=ranks)
     return json.loads((out / "inference.json").read_text())
 
 
@@ -85,10 +84,17 @@ def check_sweep(result: dict, sizes: list[int]) -> None:
         assert point["rows"] == point["batches"] * point["batch_size"]
         assert len(point["per_rank_samples_per_s"]) == result["ranks"]
     configured = next(p for p in result["sweep"] if p["batch_size"] == result["batch_size"])
-    # The top level is that point, but for the roofline fraction, which is the best point's.
-    assert all(result[key] == value for key, value in configured.items() if key != "roofline_fraction")
+    # The top level is that point, but for the roofline's ceiling and fraction, which are the best point's.
+    roofline_keys = ("gemm_gflops", "roofline_fraction")
+    assert all(result[key] == value for key, value in configured.items() if key not in roofline_keys)
     best = max(result["sweep"], key=lambda p: p["samples_per_s"])
     assert result["best"] == {"batch_size": best["batch_size"], "samples_per_s": best["samples_per_s"]}
+    # Each point's ceiling is the GEMM rate its ranks sampled around it (summed over the ranks).
+    flops = result["flops_per_sample"]
+    for point in result["sweep"]:
+        assert 1.0 < point["gemm_gflops"] / result["ranks"] < 100_000
+        assert point["roofline_fraction"] == pytest.approx(point["samples_per_s"] / (point["gemm_gflops"] * 1e9 / flops))
+    assert [result[key] for key in roofline_keys] == [best[key] for key in roofline_keys]
 
 
 def check_variants(result: dict, names: list[str], reference: dict, compile: bool) -> None:
@@ -232,18 +238,14 @@ def test_alone_without_a_launcher_sweeps_scores_and_places_on_the_roofline(check
     # A budget no point reaches, even on a busy machine: max_batches bounds every point.
     result = infer(checkpoint, "alone", [f"inference.variants=[{','.join(names)}]", "inference.max_batches=8",
                                          "inference.seconds_per_point=600", "inference.compile=true"],
-                   ranks=None, extra=["--gemm-gflops", str(GEMM_GFLOPS)])
+                   ranks=None)
     assert result["ranks"] == 1 and result["batch_size"] == 512
     check_sweep(result, [1, 64, 512])
     # 3000 rows hold 5 full batches of 512: that point goes round them to time max_batches.
     assert [p["batches"] for p in result["sweep"]] == [8, 8, 8]
     check_variants(result, names, val_reference(checkpoint), compile=True)
 
-    flops = roofline.flops_per_sample(resolve("tiny").model, training=False)
-    assert result["flops_per_sample"] == flops and result["gemm_gflops"] == GEMM_GFLOPS
-    for point in result["sweep"]:
-        assert point["roofline_fraction"] == pytest.approx(point["samples_per_s"] / (GEMM_GFLOPS * 1e9 / flops))
-    assert result["roofline_fraction"] == pytest.approx(result["best"]["samples_per_s"] / (GEMM_GFLOPS * 1e9 / flops))
+    assert result["flops_per_sample"] == roofline.flops_per_sample(resolve("tiny").model, training=False)
 
 
 @pytest.mark.integration
@@ -256,4 +258,3 @@ def test_two_ranks_add_up_and_score_every_val_row(checkpoint):
     assert [p["batches"] for p in result["sweep"]] == [2, 2, 2, 2]
     assert result["samples_per_s"] == pytest.approx(sum(result["per_rank_samples_per_s"]))
     check_variants(result, ["fp32", "int8"], val_reference(checkpoint), compile=False)  # the tiny profile's
-    assert "roofline_fraction" not in result and "gemm_gflops" not in result

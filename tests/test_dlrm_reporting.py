@@ -45,12 +45,16 @@ def test_plan_rejects_an_empty_shard():
 
 
 def test_summary_adds_rank_throughputs_and_pools_latencies():
-    per_rank = [{"latencies": [0.01, 0.01], "rows": 200}, {"latencies": [0.02, 0.02], "rows": 200}]
+    per_rank = [{"latencies": [0.01, 0.01], "rows": 200, "gemm_readings": [100.0, 120.0]},
+                {"latencies": [0.02, 0.02], "rows": 200, "gemm_readings": [90.0, 130.0]}]
     summary = summarise(per_rank, batch_size=100, threads=1)
     assert summary["samples_per_s"] == pytest.approx(200 / 0.02 + 200 / 0.04)
     assert summary["latency_ms"]["mean"] == pytest.approx(15.0)
     assert summary["latency_ms"]["p50"] == pytest.approx(15.0)
     assert summary["batches"] == 4 and summary["rows"] == 400 and summary["ranks"] == 2
+    assert summary["gemm_gflops"] == pytest.approx(110.0 + 110.0)  # each rank's mean GEMM sample, summed
+    # A point timed without GEMM samples (a variant's) has no ceiling.
+    assert "gemm_gflops" not in summarise([{**r, "gemm_readings": []} for r in per_rank], 100, threads=1)
 
 
 def test_a_failure_is_one_stderr_line_and_a_nonzero_status(capsys):

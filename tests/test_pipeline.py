@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench import launch, schema
-from bench.config import resolve
+from bench.config import ModelConfig, resolve
+from dlrm import roofline
 
 from tests.engines import REPO, engine_processes, run_pipeline
 
@@ -85,6 +86,16 @@ def test_tiny_pipeline_ran_on_the_real_engines(tiny_run):
     assert len(fp32) == 2 and measured["gemm_gflops"]["fp32"] == max(fp32)
     assert measured["machine_gemm_gflops"]["fp32"] == max(fp32) * r["cluster"]["ranks"]
     assert len(measured["gemm_gflops_readings"]["bf16"]) == 1  # trained in fp32: bf16 measured once
+    # The fractions: against the GEMM rate sampled during the stage, and against the best probe reading.
+    model = ModelConfig.model_validate(r["config"]["model"])
+    flops = {training: roofline.flops_per_sample(model, training) for training in (True, False)}
+    train, inf = r["stages"]["train"], r["stages"]["inference"]
+    for stage, samples_per_s, ceiling, training in ((train, train["samples_per_s"], train["gemm_in_run"]["machine_gflops"], True),
+                                                     (inf, inf["best"]["samples_per_s"], inf["gemm_gflops"], False)):
+        assert stage["roofline_fraction"] == pytest.approx(samples_per_s * flops[training] / (ceiling * 1e9), abs=1e-4)
+        best = measured["machine_gemm_gflops"]["fp32"]
+        assert stage["roofline_fraction_best_probe"] == pytest.approx(samples_per_s * flops[training] / (best * 1e9), abs=1e-4)
+    assert train["gemm_in_run"]["precision"] == "fp32" and train["gemm_in_run"]["samples"] >= 1
     assert r["git"]["sha"] is None or len(r["git"]["sha"]) == 40
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from bench.progress import _figure
 from bench.report import REPORT_NAME, main, write_report
 from tests.test_schema import failed_in_preprocess, succeeded_run
 
@@ -207,3 +208,11 @@ def test_rank_rows_pair_each_ranks_tables_with_its_memory():
              "memory_estimate_bytes": [{"total": 1 << 29}, {"total": 1 << 29}]}
     assert rank_rows(train) == [(0, [9, 19], 120, "1,024 MiB", "512 MiB"), (1, [0], 70, "1,536 MiB", "512 MiB")]
     assert rank_rows({"peak_rss_bytes": [1 << 20]}) == [(0, None, None, "1 MiB", None)]
+
+
+def test_the_terminal_summary_gives_each_stage_its_figure_and_roofline_fraction():
+    train = {"samples_per_s": 68799.4, "roofline_fraction": 0.6412}
+    assert _figure("train", train) == "68,799 samples/s, 0.64 of the roofline"
+    inference = {"samples_per_s": 236316.0, "latency_ms": {"p50": 17.333, "p99": 19.0}, "roofline_fraction": 0.7}
+    assert _figure("inference", inference) == "236,316 samples/s, p50 17.33 ms, p99 19.00 ms, 0.70 of the roofline"
+    assert _figure("train", {"samples_per_s": 10.0}) == "10 samples/s"  # no fraction recorded: none shown

@@ -121,3 +121,26 @@ def test_later_gemm_readings_raise_the_ceiling_and_are_kept():
     roofline.add_gemm_readings(measured, {"fp32": 170.0, "bf16": 1200.0})  # lower readings change nothing
     assert measured["gemm_gflops"] == {"fp32": 183.0, "bf16": 1300.0}
     assert measured["gemm_gflops_readings"] == {"fp32": [166.0, 183.0, 170.0], "bf16": [1300.0, 1200.0]}
+
+
+def test_a_gemm_probe_samples_one_window_and_keeps_every_reading():
+    probe = roofline.GemmProbe(torch.float32, n=64)
+    first, second = probe.sample(0.01), probe.sample(0.01)
+    assert probe.readings == [first, second] and all(g > 0 and math.isfinite(g) for g in probe.readings)
+    assert torch.allclose(probe.c, probe.a @ probe.b)  # the product it times is the real one
+    assert probe.flops == 2 * 64**3
+
+
+def test_a_window_makes_at_least_one_call():
+    calls = []
+    rate = roofline.window_rate(lambda: calls.append(1), work_per_call=10.0, seconds=0.0)
+    assert calls == [1] and rate > 0
+
+
+def test_in_run_ceiling_is_the_sum_of_the_ranks_means():
+    gemm = roofline.in_run_gemm([[160.0, 200.0, 180.0], [170.0, 170.0, 170.0]], 0.1, "fp32")
+    assert gemm["machine_gflops"] == pytest.approx(180.0 + 170.0)
+    assert gemm["per_rank_mean_gflops"] == pytest.approx([180.0, 170.0])
+    assert (gemm["min_gflops"], gemm["max_gflops"], gemm["samples"]) == (160.0, 200.0, 3)
+    assert (gemm["precision"], gemm["seconds_per_sample"]) == ("fp32", 0.1)
+    assert roofline.in_run_gemm([[170.0], []], 0.1, "fp32") is None  # a rank without samples: no ceiling
