@@ -356,6 +356,8 @@ def train(rank: runner.Rank, model: DLRM, optimizers: list[torch.optim.Optimizer
     seconds = time.perf_counter() - start
     if step == stop_after and step < steps and not early_stopped:
         return None
+    if not probe.readings:  # stopped early before the first sampling step (all ranks stop at the same step)
+        probe.sample(GEMM_SAMPLE_S)
 
     # Mean over the last ~1% of the steps taken and over all ranks (each rank saw different rows).
     window = max(1, math.ceil(step * FINAL_LOSS_WINDOW))

@@ -277,6 +277,7 @@ def test_bf16_learns_and_stops_at_the_target_auc(trained, tmp_path):
                        "train.target_auc=0.8"])
     result = run_b["result"]
     assert result["precision"] == "bf16"
+    assert result["gemm_in_run"]["precision"] == "bf16" and result["gemm_in_run"]["samples"] >= 1
     # bf16 still learns. The final loss is the last step's alone and the run stops early (after 16 steps
     # here, at 0.48; another draw of the initial weights stopped after 8, at 0.63): compared with the first step's (0.71).
     first_loss = next(p["loss"] for p in progress_lines(run_b["stdout"]) if p["stage"] == "train")
@@ -288,6 +289,14 @@ def test_bf16_learns_and_stops_at_the_target_auc(trained, tmp_path):
     fp32 = trained["result"]
     print(f"\ntiny bf16: {result['samples_per_s']:.0f} samples/s (fp32 {fp32['samples_per_s']:.0f}), "
           f"AUC {result['auc']:.4f} after {result['steps']} steps (fp32 {fp32['auc']:.4f} after 32)")
+
+
+def test_a_run_stopped_before_its_first_gemm_sample_still_samples_its_ceiling(trained, tmp_path):
+    # Any AUC reaches a target of 0.01: the run stops after its first step, before the first sampling step (2).
+    result = train_run(tmp_path, trained["data"], ["train.eval_every_steps=1", "train.eval_rows=1000",
+                                                   "train.target_auc=0.01"])["result"]
+    assert result["early_stopped"] is True and result["steps"] == 1
+    assert result["gemm_in_run"]["samples"] == 1 and result["gemm_in_run"]["machine_gflops"] > 0
 
 
 SGD_LR = 30  # (AUC 0.85 at 20-50 here; 0.60 at 5, 0.51 at Adagrad's 0.05)
