@@ -246,6 +246,7 @@ def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | No
             samples_per_s=out["samples_per_s"], steps=out["steps"], samples=out["samples"], final_loss=out["final_loss"],
             backend=out["backend"], ipex=out["ipex"], interaction_kernel=out["interaction_kernel"],
             sparse_update_kernel=out["sparse_update_kernel"], shared_memory=out["shared_memory"],
+            dense_optimizer=out["dense_optimizer"],
             threads_per_rank=out.get("threads_per_rank"),
             precision=out["precision"], lr_schedule=out["lr_schedule"], early_stopped=out["early_stopped"],
             resumed_from_step=out["resumed_from_step"], peak_rss_bytes=out["peak_rss_bytes"],

@@ -135,6 +135,14 @@ class SharedMemoryGroup:
         return [self._slots[half, sender, sum(row[:self.rank]):sum(row[:self.rank + 1])]
                 for sender, row in enumerate(splits)]
 
+    def all_gather_views(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (float32, contiguous; the ranks' sizes may differ), in rank order, where
+        each lies in the shared file (this rank's too), valid until this rank's next call."""
+        self._post(tensor, [tensor.numel()] * self.world_size)
+        self._wait_for_all()
+        half = self._calls % 2
+        return [self._slots[half, sender, :n] for sender, n in enumerate(self._splits[half, :, 0].tolist())]
+
     def send_buffer(self, n: int) -> torch.Tensor:
         """This rank's slot for its next call (its first ``n`` elements): written there, a tensor is
         posted by that call without being copied. Only between calls, and for the very next one."""

@@ -24,7 +24,9 @@ gathered from their owners, in the format dlrm.inference loads).
 Optimizers (the benchmark trains exactly one epoch, so they must converge fast):
   * embeddings: Adagrad at train.sparse_lr (or row-wise Adagrad, or SGD: train.sparse_optimizer),
     updating only the rows a batch touched (dlrm.optim.SparseOptimizer);
-  * MLPs: Adam at train.dense_lr, the usual robust choice for small dense nets.
+  * MLPs: Adam at train.dense_lr, the usual robust choice for small dense nets; with the
+    shared-memory collectives each rank steps its share of the parameters and the ranks exchange
+    the updated values (dlrm.split_adam), otherwise every rank steps them all.
   Both base rates follow the MLPerf DLRM schedule when it is set (see lr_scale).
 
 Options (train.* in the profile, all off in the small profiles):
@@ -68,6 +70,7 @@ from dlrm.interaction_kernel import InteractionKernel
 from dlrm.model import DLRM, EmbeddingTables
 from dlrm.optim import SparseOptimizer, SparseUpdateKernel
 from dlrm.sharding import ShardedEmbeddings, ShardingPlan
+from dlrm.split_adam import SplitAdam
 from preprocess.layout import ProcessedData
 
 PROG = "dlrm.train"
@@ -118,7 +121,9 @@ def open_shared_memory(rank: runner.Rank, model: DLRM, cfg: bench_config.Config
     """When this job can use them (a collective): the shared-memory group that sums the dense
     gradients, and the one the sharded tables' exchange then goes through; and why (not)."""
     dim, world = cfg.model.embedding_dim, rank.info.world_size
-    gradients = max(sum(p.numel() for p in bucket) for bucket in gradient_buckets(model)[0])
+    # The largest bucket of gradients, or all the MLPs' parameters (a SplitAdam share is at most that).
+    gradients = max(*(sum(p.numel() for p in bucket) for bucket in gradient_buckets(model)[0]),
+                    sum(p.numel() for p in model.dense_parameters()))
     tables: ShardedEmbeddings = model.embeddings
     # The most an exchange sends from one rank: every row of a global (training or evaluation) batch,
     # of all the sharded tables (forward: those it owns; backward: its rows of everybody's).
@@ -188,20 +193,21 @@ def save_checkpoint(rank: runner.Rank, path: Path, model: DLRM, optimizers: list
                     step: int, global_batch: int, losses: np.ndarray, auc_curve: list[dict]) -> None:
     """Everything needed to continue after ``step`` as if never stopped. Every rank calls this.
 
-    The model and the tables' Adagrad state are gathered whole to rank 0; the MLPs' Adam
-    state is the same on every rank; the loss history (each rank saw different rows) and
+    The model and the tables' Adagrad state are gathered whole to rank 0; so is the MLPs' Adam
+    state when it is split (it is the same on every rank otherwise); the loss history (each rank saw different rows) and
     the RNG state are per rank. The loader position is ``step``.
     """
     sparse_opt, dense_opt = optimizers
     tables: ShardedEmbeddings = model.embeddings
     state = full_state_dict(model)
     sums = tables.gather(sparse_opt.state_sum(tables.replicated.weight), sparse_opt.state_sum(tables.local.weight))
+    dense_state = dense_opt.state_dict()  # (a collective when the optimizer is split: SplitAdam)
     mine = {"losses": torch.from_numpy(losses[:step].copy()), "rng": torch.get_rng_state()}
     per_rank = dist.all_gather(mine)
     if rank.is_main:
         runner.save_atomically({
             "step": step, "world_size": rank.info.world_size, "batch_size": global_batch,
-            "model": state, "embedding_adagrad_sum": sums, "dense_optimizer": dense_opt.state_dict(),
+            "model": state, "embedding_adagrad_sum": sums, "dense_optimizer": dense_state,
             "per_rank": per_rank, "auc_curve": auc_curve,
         }, path)
     torch_dist.barrier()  # no rank moves on (or stops) before the file is complete
@@ -513,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     kernel, kernel_status = interaction_kernel.load()
     update, update_status = optim.load_kernel()
     model, optimizers, ipex = build_model(vocab_sizes, cfg, plan, info.rank, kernel, update)
+    shared_memory, shared_memory_status = open_shared_memory(rank, model, cfg)
+    dense_split = shared_memory is not None and not ipex[0]  # (IPEX brings its own optimizer)
+    if dense_split:
+        optimizers[1] = SplitAdam(model.dense_parameters(), cfg.train.dense_lr, info.rank, info.world_size,
+                                  shared_memory)
     checkpoint = args.out / CHECKPOINT
     resume = None
     if args.resume or (cfg.train.resume and checkpoint.is_file()):
@@ -525,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{len(train_data)} train rows, global batch {global_batch}, {cfg.train.epochs} epoch(s); "
                      f"tables: {len(plan.replicated)} replicated, "
                      f"{'/'.join(str(len(plan.owned(r))) for r in range(info.world_size))} sharded per rank")
-    shared_memory, shared_memory_status = open_shared_memory(rank, model, cfg)
-    runner.log(rank, f"{PROG}: collectives: {shared_memory_status}")
+    runner.log(rank, f"{PROG}: collectives: {shared_memory_status}; the MLPs' Adam "
+                     + ("split between the ranks" if dense_split else "replicated on every rank"))
     loader = time_loader(train_data, global_batch, rank, plan, LOADER_BATCHES)
     result = train(rank, model, optimizers, train_data, test_data, cfg, precision, checkpoint, resume,
                    args.stop_after_steps, shared_memory)
@@ -564,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             "interaction_kernel": {"used": kernel is not None, "reason": kernel_status},
             "sparse_update_kernel": {"used": update is not None, "reason": update_status},
             "shared_memory": {"used": shared_memory is not None, "reason": shared_memory_status},
+            "dense_optimizer": "adam, split between the ranks" if dense_split else "adam, replicated",
             "world_size": info.world_size,
             "threads_per_rank": rank.pinning["threads"],
             "pinning": [r["pinning"] for r in per_rank],

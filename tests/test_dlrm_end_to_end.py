@@ -190,6 +190,8 @@ def test_training_learns_and_counts_every_row(trained):
     # Both ranks on this node: the dense gradients are summed in shared memory (on x86-64, with room in /dev/shm).
     shared = result["shared_memory"]
     assert shared["used"] is (platform.machine() == "x86_64") or shared["reason"].startswith("/dev/shm has "), shared
+    # Through shared memory the MLPs' Adam is split between the ranks.
+    assert result["dense_optimizer"] == ("adam, split between the ranks" if shared["used"] else "adam, replicated")
     assert result["threads_per_rank"] >= 1
     assert result["precision"] == "fp32" and result["early_stopped"] is False and result["resumed_from_step"] is None
     assert result["lr_schedule"] == {"dense_lr": cfg.train.dense_lr, "sparse_lr": cfg.train.sparse_lr,

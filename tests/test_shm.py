@@ -83,6 +83,12 @@ def sums_worker(out: str) -> None:
         assert [v.numel() for v in views] == sizes
         assert torch.equal(torch.cat(views), torch.cat([torch.full((n,), 100.0 * call + 10 * r + info.rank)
                                                         for r, n in enumerate(sizes)]))
+    # All-gather of uneven sizes (rank 1 sends nothing), written into the send buffer, twice (both halves).
+    for call in range(2):
+        buffer = group.send_buffer(0 if info.rank == 1 else info.rank + 2)
+        buffer.fill_(10.0 * call + info.rank)
+        views = group.all_gather_views(buffer)
+        assert [v.tolist() for v in views] == [[10.0 * call + r] * (0 if r == 1 else r + 2) for r in range(info.world_size)]
     group.all_to_all_start(torch.zeros(info.world_size), [1] * info.world_size)
     with pytest.raises(ValueError, match=rf"rank {info.rank} expected \[2, 2, 2\] elements from the ranks, they sent \[1, 1, 1\]"):
         group.all_to_all_finish(torch.empty(6), [2, 2, 2])
