@@ -41,10 +41,13 @@ class SplitAdam:
 
     def __init__(self, params: list[nn.Parameter], lr: float, rank: int, world_size: int, group: SharedMemoryGroup):
         self.params, self.rank, self.group = list(params), rank, group
-        self.owner = shares([p.numel() for p in self.params], world_size)
-        self.mine = [i for i, owner in enumerate(self.owner) if owner == rank]
-        self.others = [[i for i, owner in enumerate(self.owner) if owner == r] for r in range(world_size)]
-        largest = max(sum(self.params[i].numel() for i in share) for share in self.others)
+        self.sizes = [p.numel() for p in self.params]
+        owner = shares(self.sizes, world_size)
+        # Each rank's parameters (numbers in ``params``), and their sizes: how its share arrives.
+        self.shares = [[i for i, o in enumerate(owner) if o == r] for r in range(world_size)]
+        self.share_sizes = [[self.sizes[i] for i in share] for share in self.shares]
+        self.mine = self.shares[rank]
+        largest = max(sum(sizes) for sizes in self.share_sizes)
         if largest > group.capacity:
             raise ValueError(f"a share of {largest} parameters does not fit the shared-memory group's {group.capacity}")
         # (A rank without parameters still takes part in the exchange.)
@@ -64,14 +67,13 @@ class SplitAdam:
     def step(self) -> None:
         if self.mine:
             self.adam.step()
-        sizes = [p.numel() for p in self.params]
-        send = self.group.send_buffer(sum(sizes[i] for i in self.mine))
+        send = self.group.send_buffer(sum(self.share_sizes[self.rank]))
         if self.mine:
             torch.cat([self.params[i].reshape(-1) for i in self.mine], out=send)  # (logical order, any layout)
         for rank, received in enumerate(self.group.all_gather_views(send)):
             if rank == self.rank:
                 continue
-            for i, values in zip(self.others[rank], received.split([sizes[i] for i in self.others[rank]])):
+            for i, values in zip(self.shares[rank], received.split(self.share_sizes[rank])):
                 self.params[i].copy_(values.view(self.params[i].shape))
 
     def state_dict(self) -> dict:
