@@ -245,7 +245,8 @@ def train_stage(run: Run, data: Path, place: cluster.Placement, agent: Path | No
         rec.update(
             samples_per_s=out["samples_per_s"], steps=out["steps"], samples=out["samples"], final_loss=out["final_loss"],
             backend=out["backend"], ipex=out["ipex"], interaction_kernel=out["interaction_kernel"],
-            sparse_update_kernel=out["sparse_update_kernel"], shared_memory=out["shared_memory"],
+            sparse_update_kernel=out["sparse_update_kernel"], mlp_kernel=out["mlp_kernel"],
+            shared_memory=out["shared_memory"],
             dense_optimizer=out["dense_optimizer"],
             threads_per_rank=out.get("threads_per_rank"),
             precision=out["precision"], lr_schedule=out["lr_schedule"], early_stopped=out["early_stopped"],
@@ -289,7 +290,7 @@ def inference_stage(run: Run, data: Path, place: cluster.Placement, agent: Path 
             )
         out = read_json(run.dir / "inference.json")
         keys = ("samples_per_s", "latency_ms", "batch_size", "batches", "ranks", "sweep", "best", "variants",
-                "flops_per_sample", "compile", "interaction_kernel", "gemm_gflops")
+                "flops_per_sample", "compile", "interaction_kernel", "mlp_kernel", "gemm_gflops")
         rec.update({k: out[k] for k in keys})
         rec["malloc_environment"] = launch.SERVING_MALLOC
         # The fractions at the batch size that maximises throughput.

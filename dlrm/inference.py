@@ -19,8 +19,9 @@ over all the ranks' batches. The fp32 model is timed at every size of
 inference.sweep_batch_sizes and at inference.batch_size (always a sweep point).
 
 Interaction. Run eagerly, the model computes its dot interaction with the compiled kernel
-(dlrm.interaction_kernel, as training does) when a C compiler is found; inference.json
-says whether it ran ("interaction_kernel"). At one thread per rank this eager model is the
+(dlrm.interaction_kernel, as training does) and, in fp32 on one thread, its MLPs' bias and
+ReLU in one pass per layer (dlrm.mlp) when a C compiler is found; inference.json says whether
+they ran ("interaction_kernel", "mlp_kernel"). At one thread per rank this eager model is the
 fastest here (batch 2048, small profile: 133k samples/s per core against Inductor's 118k;
 int8 207k against 161k), so the small profile runs two one-thread ranks eagerly.
 
@@ -57,7 +58,7 @@ ranks), latency_ms {p50, p99, mean}, batches and rows (over all ranks), ranks,
 threads_per_rank, per_rank_samples_per_s}:
     the fp32 point at inference.batch_size, spread at the top level
     warmup_batches, seconds_per_point, ipex {used, reason}, compile {used, reason} and
-                      interaction_kernel {used, reason} (both the fp32 sweep's)
+                      interaction_kernel and mlp_kernel {used, reason} (all the fp32 sweep's)
     sweep             [point + gemm_gflops, roofline_fraction] by batch size
     best              {batch_size, samples_per_s} of the fastest sweep point
     variants          {name: {auc, logloss, accuracy, samples_per_s, latency_ms, batches, compiled}}
@@ -82,9 +83,10 @@ from torch import nn
 from bench import config as bench_config
 from bench.config import InferenceConfig, ModelConfig
 from bench.fsutil import atomic_write_json
-from dlrm import data, dist, interaction_kernel, roofline, runner, train
+from dlrm import data, dist, interaction_kernel, mlp, roofline, runner, train
 from dlrm.data import Range
 from dlrm.interaction_kernel import InteractionKernel
+from dlrm.mlp import MLPKernel
 from dlrm.model import DLRM, _pairs
 from preprocess.layout import ProcessedData
 
@@ -94,10 +96,13 @@ GEMM_SAMPLE_S = 0.1  # each GEMM sample around an fp32 sweep point, on every ran
 Inputs = tuple[torch.Tensor, torch.Tensor]  # dense [n, 13], ids [n, 26]: the rows timed batches slice
 
 
-def load_model(checkpoint: Path, kernel: InteractionKernel | None = None) -> DLRM:
-    """The checkpoint's model in eval mode; ``kernel``: its eager forward's compiled interaction."""
+def load_model(checkpoint: Path, kernel: InteractionKernel | None = None, mlp_kernel: MLPKernel | None = None
+               ) -> DLRM:
+    """The checkpoint's model in eval mode; ``kernel``, ``mlp_kernel``: its eager forward's compiled
+    interaction and MLP passes."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = DLRM(saved["vocab_sizes"], ModelConfig.model_validate(saved["model_config"]), kernel=kernel)
+    model = DLRM(saved["vocab_sizes"], ModelConfig.model_validate(saved["model_config"]), kernel=kernel,
+                 mlp_kernel=mlp_kernel)
     model.load_state_dict(saved["state_dict"])
     return model.eval()
 
@@ -353,20 +358,22 @@ def benchmark(rank: runner.Rank, model: DLRM, val: ProcessedData, inputs: Inputs
 
 
 def report(sweep: list[dict], variants: dict[str, dict], cfg: bench_config.Config, val_rows: int,
-           ipex: tuple[bool, str], kernel: tuple[bool, str]) -> dict:
-    """inference.json (see the module docstring); ``kernel``: whether the interaction kernel loaded, and why (not)."""
+           ipex: tuple[bool, str], kernels: dict[str, tuple[bool, str]]) -> dict:
+    """inference.json (see the module docstring); ``kernels``: whether each compiled kernel
+    (interaction_kernel, mlp_kernel) loaded, and why (not)."""
     inf = cfg.inference
     best = max(sweep, key=lambda p: p["samples_per_s"])
     flops = roofline.flops_per_sample(cfg.model, training=False)
-    if kernel[0] and variants["fp32"]["compiled"]["used"]:
-        kernel = (False, "the variants ran compiled: TorchInductor computes the interaction")
+    if variants["fp32"]["compiled"]["used"]:
+        kernels = {name: (False, "the variants ran compiled: TorchInductor fuses the model's loops")
+                   for name in kernels}
     result = {
         **next(p for p in sweep if p["batch_size"] == inf.batch_size),
         "warmup_batches": inf.warmup_batches,
         "seconds_per_point": inf.seconds_per_point,
         "ipex": {"used": ipex[0], "reason": ipex[1]},
         "compile": variants["fp32"]["compiled"],
-        "interaction_kernel": {"used": kernel[0], "reason": kernel[1]},
+        **{name: {"used": used, "reason": reason} for name, (used, reason) in kernels.items()},
         "sweep": sweep,
         "best": {"batch_size": best["batch_size"], "samples_per_s": best["samples_per_s"]},
         "variants": variants,
@@ -396,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     ipex = dist.ipex_status()
 
     kernel, kernel_status = interaction_kernel.load()
-    model = load_model(args.checkpoint, kernel)
+    mlp_kernel, mlp_status = mlp.load()
+    model = load_model(args.checkpoint, kernel, mlp_kernel)
     val = ProcessedData(args.data, "val")
     sizes = sorted({*inf.sweep_batch_sizes, inf.batch_size})
     shard = data.shard_range(len(val), info.rank, info.world_size)
@@ -405,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"batch sizes {sizes}, variants {inf.variants} at batch {inf.batch_size}")
     sweep, variants = benchmark(rank, model, val, inputs, sizes, inf, ipex[0])
     if rank.is_main:
-        result = report(sweep, variants, cfg, len(val), ipex, (kernel is not None, kernel_status))
+        result = report(sweep, variants, cfg, len(val), ipex, {"interaction_kernel": (kernel is not None, kernel_status),
+                                                               "mlp_kernel": (mlp_kernel is not None, mlp_status)})
         runner.log(rank, f"{PROG}: {result['samples_per_s']:.0f} samples/s at batch {inf.batch_size}; best "
                          f"{result['best']['samples_per_s']:.0f} samples/s at batch {result['best']['batch_size']}")
         atomic_write_json(args.out / "inference.json", result)

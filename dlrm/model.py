@@ -30,17 +30,7 @@ from torch.autograd.function import once_differentiable
 from bench.config import NUM_DENSE, ModelConfig
 from dlrm import interaction_kernel
 from dlrm.interaction_kernel import Block, InteractionKernel, Lookup
-
-
-def mlp(in_features: int, sizes: list[int], relu_last: bool) -> nn.Sequential:
-    """Linear layers of the given output sizes with ReLU between (and after the last if asked)."""
-    layers: list[nn.Module] = []
-    for i, out_features in enumerate(sizes):
-        layers.append(nn.Linear(in_features, out_features))
-        if i < len(sizes) - 1 or relu_last:
-            layers.append(nn.ReLU(inplace=True))  # on the Linear's fresh output: no extra tensor
-        in_features = out_features
-    return nn.Sequential(*layers)
+from dlrm.mlp import MLP, MLPKernel
 
 
 def column_major(layer: nn.Linear) -> None:
@@ -287,20 +277,21 @@ class DLRM(nn.Module):
     dot_interaction), in the order of the tables its ``tables`` lists; None = all tables here
     (EmbeddingTables). Training passes dlrm.sharding.ShardedEmbeddings. Both have ``start(ids)``, which
     begins the lookups and returns the function that finishes them. ``kernel``: the compiled
-    interaction (dlrm.interaction_kernel); None: PyTorch's."""
+    interaction (dlrm.interaction_kernel); None: PyTorch's. ``mlp_kernel``: the MLPs' fused passes
+    (dlrm.mlp); None: PyTorch's Linear and ReLU."""
 
     def __init__(self, vocab_sizes: list[int], cfg: ModelConfig, embeddings: nn.Module | None = None,
-                 kernel: InteractionKernel | None = None):
+                 kernel: InteractionKernel | None = None, mlp_kernel: MLPKernel | None = None):
         super().__init__()
         self.kernel = kernel
         dim = cfg.embedding_dim
         self.vocab_sizes = list(vocab_sizes)
         # The bottom output is one of the interacting vectors, so it ends in ReLU like the reference.
-        self.bottom = mlp(NUM_DENSE, cfg.bottom_mlp, relu_last=True)
+        self.bottom = MLP(NUM_DENSE, cfg.bottom_mlp, relu_last=True, kernel=mlp_kernel)
         self.embeddings = embeddings if embeddings is not None else EmbeddingTables(
             list(range(len(vocab_sizes))), self.vocab_sizes, dim)
         # The last top layer stays linear: it outputs the logit, BCEWithLogits applies the sigmoid.
-        self.top = mlp(top_input_size(len(self.vocab_sizes), dim), cfg.top_mlp, relu_last=False)
+        self.top = MLP(top_input_size(len(self.vocab_sizes), dim), cfg.top_mlp, relu_last=False, kernel=mlp_kernel)
         self.reset_parameters()
         # After initialising: normal_ fills a tensor in memory order, so the same seed gives the same weights.
         column_major(self.bottom[0])

@@ -65,8 +65,9 @@ from torch import nn
 
 from bench import config as bench_config
 from bench.fsutil import atomic_write_json
-from dlrm import data, dist, interaction_kernel, optim, roofline, runner, sharding, shm
+from dlrm import data, dist, interaction_kernel, mlp, optim, roofline, runner, sharding, shm
 from dlrm.interaction_kernel import InteractionKernel
+from dlrm.mlp import MLPKernel
 from dlrm.model import DLRM, EmbeddingTables
 from dlrm.optim import SparseOptimizer, SparseUpdateKernel
 from dlrm.sharding import ShardedEmbeddings, ShardingPlan
@@ -84,14 +85,14 @@ PHASES = ("data", "forward", "backward", "gradient_sync", "optimizer")
 
 
 def build_model(vocab_sizes: list[int], cfg: bench_config.Config, plan: ShardingPlan | None = None,
-                rank: int = 0, kernel: InteractionKernel | None = None, update: SparseUpdateKernel | None = None
-                ) -> tuple[DLRM, list[torch.optim.Optimizer], tuple[bool, str]]:
+                rank: int = 0, kernel: InteractionKernel | None = None, update: SparseUpdateKernel | None = None,
+                mlp_kernel: MLPKernel | None = None) -> tuple[DLRM, list[torch.optim.Optimizer], tuple[bool, str]]:
     """The model (rank ``rank``'s share of it under ``plan``; None: all tables here; ``kernel``: its
-    compiled interaction) and its two optimizers, [embeddings (``update``: their compiled sparse
-    update), MLPs] (see the module docstring), IPEX-optimised when usable."""
+    compiled interaction, ``mlp_kernel``: its MLPs' fused passes) and its two optimizers, [embeddings
+    (``update``: their compiled sparse update), MLPs] (see the module docstring), IPEX-optimised when usable."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     embeddings = None if plan is None else ShardedEmbeddings(plan, rank, cfg.model.embedding_dim)
-    model = DLRM(vocab_sizes, cfg.model, embeddings, kernel)
+    model = DLRM(vocab_sizes, cfg.model, embeddings, kernel, mlp_kernel)
     ipex = dist.ipex_status()
     if ipex[0]:
         import intel_extension_for_pytorch  # only reached when the import is known to work
@@ -518,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
 
     kernel, kernel_status = interaction_kernel.load()
     update, update_status = optim.load_kernel()
-    model, optimizers, ipex = build_model(vocab_sizes, cfg, plan, info.rank, kernel, update)
+    mlp_kernel, mlp_status = mlp.load()
+    model, optimizers, ipex = build_model(vocab_sizes, cfg, plan, info.rank, kernel, update, mlp_kernel)
     shared_memory, shared_memory_status = open_shared_memory(rank, model, cfg)
     dense_split = shared_memory is not None and not ipex[0]  # (IPEX brings its own optimizer)
     if dense_split:
@@ -532,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runner.log(rank, f"{PROG}: {info.world_size} ranks ({info.launcher} launcher), backend {backend}, "
                      f"{rank.pinning['threads']} threads/rank, ipex: {ipex[1]}, precision {precision}, "
-                     f"interaction kernel: {kernel_status}; tables' {cfg.train.sparse_optimizer} update: {update_status}; "
+                     f"interaction kernel: {kernel_status}; MLP kernel: {mlp_status}; tables' {cfg.train.sparse_optimizer} update: {update_status}; "
                      f"{len(train_data)} train rows, global batch {global_batch}, {cfg.train.epochs} epoch(s); "
                      f"tables: {len(plan.replicated)} replicated, "
                      f"{'/'.join(str(len(plan.owned(r))) for r in range(info.world_size))} sharded per rank")
@@ -574,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             "ipex": {"used": ipex[0], "reason": ipex[1]},
             "interaction_kernel": {"used": kernel is not None, "reason": kernel_status},
             "sparse_update_kernel": {"used": update is not None, "reason": update_status},
+            "mlp_kernel": {"used": mlp_kernel is not None, "reason": mlp_status},
             "shared_memory": {"used": shared_memory is not None, "reason": shared_memory_status},
             "dense_optimizer": "adam, split between the ranks" if dense_split else "adam, replicated",
             "world_size": info.world_size,

@@ -187,6 +187,7 @@ def test_training_learns_and_counts_every_row(trained):
     has_compiler = (shutil.which("cc") or shutil.which("gcc")) is not None
     assert result["interaction_kernel"]["used"] == has_compiler  # with a compiler: the compiled one
     assert result["sparse_update_kernel"]["used"] == has_compiler, result["sparse_update_kernel"]
+    assert result["mlp_kernel"]["used"] == has_compiler, result["mlp_kernel"]
     # Both ranks on this node: the dense gradients are summed in shared memory (on x86-64, with room in /dev/shm).
     shared = result["shared_memory"]
     assert shared["used"] is (platform.machine() == "x86_64") or shared["reason"].startswith("/dev/shm has "), shared
