@@ -447,11 +447,13 @@ def report_eval(rank: runner.Rank, scores: dict, step: int, steps: int, global_b
     return point
 
 
-def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runtime_bytes: int) -> dict:
+def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runtime_bytes: int,
+                    adam_elements: int) -> dict:
     """What this rank should hold at its peak, in bytes: ``runtime_bytes`` (the process before the
     model: Python, torch, the libraries), its tables and their optimizer state (Adagrad's as large,
     row-wise Adagrad's 1/d of it, SGD's none; and the compiled update's int32 map of the table
-    rows), the MLPs with their gradients and two Adam moments, the activations of the larger of a
+    rows), the MLPs with their gradients and two Adam moments for each of the ``adam_elements``
+    parameters this rank steps (all of them, or its share: dlrm.split_adam), the activations of the larger of a
     training step and an evaluation batch, a few input batches, the GEMM probe's matrices (train's
     roofline samples), and on rank 0 all the tables gathered for model.pt (and, with checkpoints, their
     optimizer state)."""
@@ -481,7 +483,8 @@ def memory_estimate(model: DLRM, cfg: bench_config.Config, world_size: int, runt
     state = rows * columns * floats
     row_maps = rows * 4  # (at most: dense-gradient tables have none)
     probe = 3 * roofline.PROBE_N**2 * roofline.DTYPES[resolve_precision(cfg.train.precision)].itemsize
-    parts = {"runtime": runtime_bytes, "tables": tables, "optimizer_state": state + row_maps, "mlps": 4 * mlps,
+    parts = {"runtime": runtime_bytes, "tables": tables, "optimizer_state": state + row_maps,
+             "mlps": 2 * mlps + 2 * adam_elements * floats,
              "activations": max(train, evaluation) * floats, "batches": batches, "gemm_probe": probe,
              "gathered": gathered}
     return {**parts, "total": sum(parts.values())}
@@ -526,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     if dense_split:
         optimizers[1] = SplitAdam(model.dense_parameters(), cfg.train.dense_lr, info.rank, info.world_size,
                                   shared_memory)
+    # The MLP parameters whose Adam moments this rank holds.
+    adam_elements = sum(p.numel() for p in model.dense_parameters()) if not dense_split \
+        else sum(optimizers[1].share_sizes[info.rank])
     checkpoint = args.out / CHECKPOINT
     resume = None
     if args.resume or (cfg.train.resume and checkpoint.is_file()):
@@ -554,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     result["auc_curve"].append(report_eval(rank, scores, result["steps"], result["steps"], global_batch))
     state = full_state_dict(model)
     per_rank = dist.all_gather({"pinning": rank.pinning, "peak_rss_bytes": runner.peak_rss_bytes(),
-                                "memory_estimate_bytes": memory_estimate(model, cfg, info.world_size, runtime_bytes),
+                                "memory_estimate_bytes": memory_estimate(model, cfg, info.world_size, runtime_bytes,
+                                                                         adam_elements),
                                 "loader": loader, "phase_seconds": result.pop("phase_seconds"),
                                 "gemm_readings": result.pop("gemm_readings")})
     if rank.is_main:

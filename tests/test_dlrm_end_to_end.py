@@ -23,6 +23,7 @@ import torch
 
 from bench.config import resolve
 from dlrm import train
+from dlrm.model import top_input_size
 from tests.test_dlrm_data import write_processed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,6 +207,14 @@ def test_training_learns_and_counts_every_row(trained):
         rows = result["sharding"]["replicated_rows"] + sum(r["rows"] for r in result["sharding"]["ranks"])
         assert estimate["gathered"] == (2 * rows * cfg.model.embedding_dim * 4 if rank == 0 else 0)
         assert estimate["runtime"] < estimate["total"] and 0.5 < peak / estimate["total"] < 3
+    # The MLPs: weights and gradients on every rank; Adam's two moments for the rank's share when split.
+    widths = [13, *cfg.model.bottom_mlp], [top_input_size(26, cfg.model.embedding_dim), *cfg.model.top_mlp]
+    mlp_floats = sum(i * o + o for w in widths for i, o in zip(w, w[1:]))
+    mlps = [estimate["mlps"] for estimate in result["memory_estimate_bytes"]]
+    if shared["used"]:
+        assert sum(mlps) == (2 * 2 + 2) * mlp_floats * 4 and all(m > 2 * mlp_floats * 4 for m in mlps)
+    else:
+        assert mlps == [4 * mlp_floats * 4] * 2
     sharding = result["sharding"]
     assert sharding["shard_min_rows"] == 25 and [r["rank"] for r in sharding["ranks"]] == [0, 1]
     assert sorted(sharding["replicated_tables"] + [t for r in sharding["ranks"] for t in r["tables"]]) == list(range(26))
