@@ -206,24 +206,35 @@ class GradientBuffer:
     place, so the buffer is zeroed (``zero``) instead of the gradients being set to None (an
     optimizer's zero_grad must not be called on these parameters). The ranks' gradients are
     summed, not averaged: each rank scales its loss to its share of the global loss.
-    ``shared_memory``: sum the buckets through it instead (dlrm.shm: ranks on one node), each
-    at once when complete.
+
+    ``shared_memory``: sum them through it instead (dlrm.shm: ranks on one node), all buckets as one,
+    at once when complete. There the rank computes the sum itself, so a second bucket would overlap
+    nothing, only add a point where the ranks wait for each other. backward accumulates straight into
+    this rank's slot of the shared file (``zero`` points the gradients there), and the sum lands in
+    ``flat``, where the gradients point again once it is done: no copy into the slot (3.4 MB per step
+    on the small profile).
     """
 
     def __init__(self, buckets: list[list[torch.nn.Parameter]], shared_memory: SharedMemoryGroup | None = None):
         buckets = [bucket for bucket in buckets if bucket]
-        self.flat = torch.zeros(sum(p.numel() for bucket in buckets for p in bucket))
+        if shared_memory is not None:
+            buckets = [[param for bucket in buckets for param in bucket]]
+        self.params = [param for bucket in buckets for param in bucket]
+        self.flat = torch.zeros(sum(p.numel() for p in self.params))
+        self._summed = self._views(self.flat)
+        for param, view in zip(self.params, self._summed):
+            param.grad = view
         self.slices: list[torch.Tensor] = []
         offset = 0
         for bucket in buckets:
-            start = offset
-            for param in bucket:
-                param.grad = _view_like(self.flat[offset:offset + param.numel()], param)
-                offset += param.numel()
-            self.slices.append(self.flat[start:offset])
+            size = sum(p.numel() for p in bucket)
+            self.slices.append(self.flat[offset:offset + size])
+            offset += size
         self.sizes = [len(bucket) for bucket in buckets]
         self.parallel = dist.get_world_size() > 1
         self.shared_memory = shared_memory
+        self._slot_views: dict[int, list[torch.Tensor]] = {}  # by the slot's address (two halves)
+        self._slot: torch.Tensor | None = None  # where backward accumulates, when in shared memory
         self._awaited = list(self.sizes)  # gradients each bucket still waits for in this backward
         self._started = [False] * len(buckets)
         self._works: list[dist.Work] = []
@@ -232,6 +243,18 @@ class GradientBuffer:
                 for param in bucket:
                     param.register_post_accumulate_grad_hook(functools.partial(self._accumulated, i))
 
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's gradient as a view of ``flat``, in the parameters' order."""
+        views, offset = [], 0
+        for param in self.params:
+            views.append(_view_like(flat[offset:offset + param.numel()], param))
+            offset += param.numel()
+        return views
+
+    def _point(self, views: list[torch.Tensor]) -> None:
+        for param, view in zip(self.params, views):
+            param.grad = view
+
     def _accumulated(self, bucket: int, _param: torch.nn.Parameter) -> None:
         self._awaited[bucket] -= 1
         if self._awaited[bucket] == 0:
@@ -239,13 +262,24 @@ class GradientBuffer:
 
     def _start(self, bucket: int) -> None:
         self._started[bucket] = True
-        if self.shared_memory is not None:
-            self.shared_memory.all_reduce_(self.slices[bucket])  # done when it returns
+        if self._slot is not None:
+            self.shared_memory.all_reduce_(self._slot, out=self.flat)  # done when it returns
+            self._slot = None
+            self._point(self._summed)
         else:
             self._works.append(dist.all_reduce(self.slices[bucket], async_op=True))  # a sum
 
     def zero(self) -> None:
-        self.flat.zero_()
+        """Before backward: every gradient zero (in shared memory: in this rank's slot for the next call)."""
+        if self.shared_memory is not None and self.parallel:
+            self._slot = self.shared_memory.send_buffer(self.flat.numel())
+            views = self._slot_views.get(self._slot.data_ptr())
+            if views is None:
+                views = self._slot_views[self._slot.data_ptr()] = self._views(self._slot)
+            self._slot.zero_()
+            self._point(views)
+        else:
+            self.flat.zero_()
         self._awaited = list(self.sizes)
 
     def wait(self) -> None:

@@ -93,16 +93,20 @@ class SharedMemoryGroup:
         self._exchanging = False  # between all_to_all_start and all_to_all_finish
         self._lent: int | None = None  # the call send_buffer's slot was handed out for
 
-    def all_reduce_(self, tensor: torch.Tensor) -> None:
-        """``tensor`` (float32, contiguous) replaced by its sum over the ranks. Every rank must call this
-        with a tensor of the same size, in the same order of calls (a different size is an error)."""
+    def all_reduce_(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """``tensor`` (float32, contiguous) replaced by its sum over the ranks, or the sum written to ``out``
+        (as large; required when ``tensor`` is this rank's ``send_buffer``, which the other ranks read).
+        Every rank must call this with a tensor of the same size, in the same order of calls (a different
+        size is an error)."""
         n = tensor.numel()
+        if out is None and self._lent == self._calls + 1 and self._in_own_slots(tensor):
+            raise ValueError("the sum of a send buffer goes to another tensor (out=): the other ranks read the slot")
         slots = self._post(tensor, [n] * self.world_size)[:, :n]
         self._wait_for_all()
         sizes = self._splits[self._calls % 2, :, 0].tolist()
         if sizes != [n] * self.world_size:
             raise RuntimeError(f"shared-memory all-reduce {self._calls}: the ranks passed {sizes} elements")
-        flat = tensor.view(-1)
+        flat = (tensor if out is None else out).view(-1)
         torch.add(slots[0], slots[1], out=flat)
         for other in range(2, self.world_size):
             flat.add_(slots[other])

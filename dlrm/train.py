@@ -14,8 +14,8 @@ The collectives run while the rank computes: the all-to-all during the bottom ML
 and the bottom MLP's backward, the top MLP's all-reduce during the rest of backward, the
 bottom MLP's while the owned tables are updated. When all ranks share one node (and the
 backend is gloo) both go through shared memory instead (dlrm.shm, train.shared_memory): the
-dense gradients' buckets are summed at once when complete, the exchange still overlaps the
-bottom MLP. 3-7x faster than gloo's sockets, whose threads also took the ranks' cores from
+dense gradients are summed at once when backward has completed them all (one call, backward
+accumulating them straight into the shared file), the exchange still overlaps the bottom MLP. 3-7x faster than gloo's sockets, whose threads also took the ranks' cores from
 the computation. Every rank builds the same initial model
 from the seed (each table from its own generator, wherever it lives).
 Rank 0 writes RUN_DIR/train.json and RUN_DIR/model.pt (the whole model, the sharded tables
@@ -110,8 +110,9 @@ def build_model(vocab_sizes: list[int], cfg: bench_config.Config, plan: Sharding
 
 def gradient_buckets(model: DLRM) -> tuple[list[list[torch.nn.Parameter]], list[torch.nn.Parameter]]:
     """The dense gradients' all-reduce buckets - the top MLP's, summed as soon as backward is past
-    it, then the bottom MLP's with those of the tables with dense gradients - and the weights with
-    sparse gradients (ShardedEmbeddings.reduce_sparse_gradients sums those)."""
+    it, then the bottom MLP's with those of the tables with dense gradients (through shared memory
+    all in one: dist.GradientBuffer) - and the weights with sparse gradients
+    (ShardedEmbeddings.reduce_sparse_gradients sums those)."""
     tables = [m for m in model.modules() if isinstance(m, EmbeddingTables)]
     buckets = [list(model.top.parameters()), [*model.bottom.parameters(), *(m.weight for m in tables if not m.sparse)]]
     return buckets, [m.weight for m in tables if m.sparse]
@@ -122,9 +123,8 @@ def open_shared_memory(rank: runner.Rank, model: DLRM, cfg: bench_config.Config
     """When this job can use them (a collective): the shared-memory group that sums the dense
     gradients, and the one the sharded tables' exchange then goes through; and why (not)."""
     dim, world = cfg.model.embedding_dim, rank.info.world_size
-    # The largest bucket of gradients, or all the MLPs' parameters (a SplitAdam share is at most that).
-    gradients = max(*(sum(p.numel() for p in bucket) for bucket in gradient_buckets(model)[0]),
-                    sum(p.numel() for p in model.dense_parameters()))
+    # All the dense gradients (dist.GradientBuffer sums them in one call), more than a SplitAdam share.
+    gradients = sum(p.numel() for bucket in gradient_buckets(model)[0] for p in bucket)
     tables: ShardedEmbeddings = model.embeddings
     # The most an exchange sends from one rank: every row of a global (training or evaluation) batch,
     # of all the sharded tables (forward: those it owns; backward: its rows of everybody's).

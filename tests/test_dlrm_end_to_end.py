@@ -121,10 +121,13 @@ def gradient_buffer_worker(out: str, shared: bool) -> None:
     dist.init(info, "gloo")
     # params[0] is laid out column-major, like DLRM's first layer (dlrm.model.column_major).
     params = [torch.nn.Parameter(torch.zeros(3, 2).T), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(5))]
-    group = shm.open_group(info.rank, info.world_size, capacity=9) if shared else None
+    group = shm.open_group(info.rank, info.world_size, capacity=15) if shared else None  # all the gradients
     buffer = dist.GradientBuffer([[params[0]], [params[1], params[2]]], group)
-    for _ in range(2):  # zeroed between steps, accumulated into in place by backward
+    for _ in range(3):  # zeroed between steps, accumulated into in place by backward
         buffer.zero()
+        # Through shared memory backward accumulates in this rank's slot (each half in turn), summed into the buffer.
+        in_buffer = params[0].grad.data_ptr() == buffer.flat.data_ptr()
+        assert in_buffer is not shared and torch.equal(params[0].grad, torch.zeros(2, 3))
         # params[2] gets no gradient: its bucket is never complete in backward, so wait() sends it.
         loss = (info.rank + 1) * (params[0].sum() + 2 * params[1].sum())
         (loss / info.world_size).backward()

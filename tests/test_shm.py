@@ -62,6 +62,17 @@ def sums_worker(out: str) -> None:
         group.all_reduce_(tensor)
         torch.testing.assert_close(tensor, sum(every), rtol=0, atol=1e-5)
         results.append(tensor.tolist())
+    # Summed from the send buffer (written in place, as dist.GradientBuffer's backward does) into another tensor.
+    for call in range(2):
+        send = group.send_buffer(6)
+        send.copy_(torch.arange(6.0) * (info.rank + 1) + call)
+        summed = torch.empty(6)
+        group.all_reduce_(send, out=summed)
+        ranks = info.world_size
+        assert torch.equal(summed, torch.arange(6.0) * ranks * (ranks + 1) / 2 + call * ranks)
+    with pytest.raises(ValueError, match=r"the sum of a send buffer goes to another tensor \(out=\)"):
+        group.all_reduce_(group.send_buffer(6))
+    group.all_reduce_(torch.zeros(6))  # (the send buffer is not for later calls: this one copies in)
     # All-to-all with uneven splits (rank r sends (r + 1) * (d + 1) elements to rank d, none to itself
     # on rank 1), twice: both halves of the slots.
     for call in range(2):
