@@ -15,9 +15,10 @@ and the bottom MLP's backward, the top MLP's all-reduce during the rest of backw
 bottom MLP's while the owned tables are updated. When all ranks share one node (and the
 backend is gloo) both go through shared memory instead (dlrm.shm, train.shared_memory): the
 dense gradients are summed at once when backward has completed them all (one call, backward
-accumulating them straight into the shared file), the exchange still overlaps the bottom MLP. 3-7x faster than gloo's sockets, whose threads also took the ranks' cores from
-the computation. Every rank builds the same initial model
-from the seed (each table from its own generator, wherever it lives).
+accumulating them straight into the shared file), the exchange still overlaps the bottom MLP.
+3-7x faster than gloo's sockets, whose threads also took the ranks' cores from the computation.
+Every rank builds the same initial model from the seed (each table from its own generator,
+wherever it lives).
 Rank 0 writes RUN_DIR/train.json and RUN_DIR/model.pt (the whole model, the sharded tables
 gathered from their owners, in the format dlrm.inference loads).
 

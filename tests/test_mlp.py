@@ -2,7 +2,6 @@
 accumulated like autograd's with the post-accumulate hooks run, and the fallbacks."""
 
 import copy
-import shutil
 
 import pytest
 import torch
@@ -11,9 +10,7 @@ from torch import nn
 from dlrm import mlp
 from dlrm.model import column_major
 from dlrm.roofline import torch_threads
-
-COMPILER = shutil.which("cc") or shutil.which("gcc")
-needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C compiler (cc or gcc) here")
+from tests.test_interaction_kernel import COMPILER, needs_compiler
 
 
 @pytest.fixture(scope="module")
