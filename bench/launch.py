@@ -58,8 +58,10 @@ def find_mpi(path: str | None = None) -> Mpi:
 
 
 def free_port() -> int:
+    """A TCP port no local address has in use now. Checked on every address, as torch's store listens:
+    a port free on 127.0.0.1 was taken on the simulated nodes' address in one run (EADDRINUSE)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
