@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from dlrm import native
+from dlrm.accumulate import grad_to_accumulate
 
 SOURCE = Path(__file__).with_name("interaction.c")
 FALLBACK = "the PyTorch interaction is used"
@@ -89,24 +90,44 @@ class InteractionKernel:
     def backward(self, symmetric: torch.Tensor, pairs: int, grad: torch.Tensor, bottom: torch.Tensor,
                  blocks: list[Block]) -> list[torch.Tensor]:
         """The gradients of bottom and of each block from the output's gradient ``grad`` [B, width]:
-        new contiguous tensors, and for a Lookup the dense gradient of its weight; ``symmetric``
-        [F * F] int32: the column among the pairs of pair (f, o)'s gradient, ``pairs`` on the
-        diagonal (see dlrm.model._Layout)."""
+        new contiguous tensors; a Lookup's is added to its weight's .grad when backward() accumulates
+        there (dlrm.accumulate: None is returned for it), else it is the dense gradient of the weight;
+        ``symmetric`` [F * F] int32: the column among the pairs of pair (f, o)'s gradient, ``pairs``
+        on the diagonal (see dlrm.model._Layout)."""
         batch, dim = bottom.shape
         grad = grad.contiguous()
         inputs = [bottom, *blocks]
         threads = slices(batch)
+        accumulate = [grad_to_accumulate(t.weight) if isinstance(t, Lookup) else None for t in inputs]
+        accumulate = [g if g is not None and g.stride(-1) == 1 else None for g in accumulate]
         # Samples of different threads may share a Lookup's rows: each thread adds to its own copy of
-        # the weight's gradient, and the copies are summed at the end.
-        grads = [torch.zeros(threads, *t.weight.shape) if isinstance(t, Lookup)
-                 else torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
+        # the weight's gradient (the first thread to .grad itself when accumulating there), and the
+        # copies are summed at the end.
+        grads = [torch.zeros(threads - (g is not None), *t.weight.shape) if isinstance(t, Lookup)
+                 else torch.empty_like(t, memory_format=torch.contiguous_format) for t, g in zip(inputs, accumulate)]
         vectors = _Vectors(inputs)
-        destinations = [_Vectors([replace(t, weight=g[i]) if isinstance(t, Lookup) else g for t, g in zip(inputs, grads)])
+
+        def destination(t: Block, g: torch.Tensor, into: torch.Tensor | None, thread: int) -> Block | torch.Tensor:
+            if not isinstance(t, Lookup):
+                return g
+            return replace(t, weight=into if into is not None and thread == 0 else g[thread - (into is not None)])
+
+        destinations = [_Vectors([destination(t, g, into, i) for t, g, into in zip(inputs, grads, accumulate)])
                         for i in range(threads)]
         self._run(batch, lambda start, stop, thread=0: _check(self._backward(
             start, stop, dim, vectors.count, *vectors.sources(), pairs, symmetric.data_ptr(), grad.data_ptr(),
             grad.shape[1], destinations[thread].base, destinations[thread].stride)))
-        return [(g[0] if threads == 1 else g.sum(0)) if isinstance(t, Lookup) else g for t, g in zip(inputs, grads)]
+        result: list[torch.Tensor | None] = []
+        for t, g, into in zip(inputs, grads, accumulate):
+            if not isinstance(t, Lookup):
+                result.append(g)
+            elif into is not None:
+                if len(g):
+                    into.add_(g.sum(0))
+                result.append(None)
+            else:
+                result.append(g[0] if threads == 1 else g.sum(0))
+        return result
 
     def _run(self, batch: int, call: Callable[..., None]) -> None:
         """call(start, stop, thread=i) for the i-th of the slices the batch is split into, one per thread."""
@@ -166,20 +187,22 @@ class _Vectors:
     def __init__(self, blocks: list[Block]):
         base, stride, index, index_stride, rows = [], [], [], [], []
         for t in blocks:
+            # (Each tensor's address and strides read once: this runs three times a training step.)
             if isinstance(t, Lookup):
-                for j, (offset, count) in enumerate(zip(t.offsets, t.rows)):
-                    base.append(t.weight.data_ptr() + 4 * offset * t.weight.stride(0))
-                    stride.append(t.weight.stride(0))
-                    index.append(t.ids.data_ptr() + 8 * j * t.ids.stride(1))
-                    index_stride.append(t.ids.stride(0))
-                    rows.append(count)
+                weight, row_stride, ids, (sample_stride, column_stride) = t.weight.data_ptr(), t.weight.stride(0), \
+                    t.ids.data_ptr(), t.ids.stride()
+                base += [weight + 4 * offset * row_stride for offset in t.offsets]
+                stride += [row_stride] * len(t.offsets)
+                index += [ids + 8 * j * column_stride for j in range(len(t.offsets))]
+                index_stride += [sample_stride] * len(t.offsets)
+                rows += t.rows
             else:
-                for j in range(1 if t.dim() == 2 else t.shape[1]):
-                    base.append(t.data_ptr() + 4 * j * (t.stride(1) if t.dim() == 3 else 0))
-                    stride.append(t.stride(0))
-                    index.append(None)
-                    index_stride.append(0)
-                    rows.append(0)
+                vectors, first, vector_stride = (1 if t.dim() == 2 else t.shape[1]), t.data_ptr(), t.stride()
+                base += [first + 4 * j * vector_stride[1] for j in range(vectors)] if t.dim() == 3 else [first]
+                stride += [vector_stride[0]] * vectors
+                index += [None] * vectors
+                index_stride += [0] * vectors
+                rows += [0] * vectors
         self.count = len(base)
         self.base = (ctypes.c_void_p * self.count)(*base)
         self.stride = (ctypes.c_int64 * self.count)(*stride)

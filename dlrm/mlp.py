@@ -15,10 +15,8 @@ On one core of the development machine that is 1-2 ms less per small-profile tra
 (1024 rows per rank). It computes the same function: the gradients differ only in rounding
 (the bias sums are added row by row).
 
-The node accumulates the layers' gradients into their .grad tensors itself, as autograd's
-AccumulateGrad would, and returns none for them; autograd still runs each parameter's
-post-accumulate-grad hooks once the node is done, which is how dlrm.dist.GradientBuffer learns
-that a bucket is complete.
+In backward() the node adds the layers' gradients to their .grad tensors itself (dlrm.accumulate);
+under torch.autograd.grad it returns them.
 
 The fused path runs in fp32 without autocast, on one thread (the kernel's passes are single-
 threaded; with more threads PyTorch's parallel ops are faster), with plain nn.Linear layers (not
@@ -35,6 +33,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from dlrm import native
+from dlrm.accumulate import grad_to_accumulate
 
 SOURCE = Path(__file__).with_name("mlp.c")
 FALLBACK = "PyTorch's Linear and ReLU are used"
@@ -142,24 +141,23 @@ class FusedMLP(torch.autograd.Function):
         outputs = ctx.saved_tensors
         kernel: MLPKernel = ctx.kernel
         grad = grad.contiguous()
+        returned: list[torch.Tensor | None] = []  # each layer's (weight, bias) gradients, last layer first
         # The incoming gradient belongs to the caller: the first mask goes to a new tensor, later ones in place.
         masked = torch.empty_like(grad)
         for i in reversed(range(len(ctx.layers))):
             layer: nn.Linear = ctx.layers[i]
             weight, bias = layer.weight, layer.bias
-            bias_grad = _grad_of(bias) if bias.requires_grad else torch.zeros_like(bias)
-            kernel.act_backward(grad, outputs[i + 1], masked, bias_grad, ctx.relus[i])
+            weight_grad, bias_grad = grad_to_accumulate(weight), grad_to_accumulate(bias)
+            bias_sum = bias_grad if bias_grad is not None else torch.zeros_like(bias)
+            kernel.act_backward(grad, outputs[i + 1], masked, bias_sum, ctx.relus[i])
+            bias_returned = bias_sum if bias_grad is None and bias.requires_grad else None
             grad = masked
-            if weight.requires_grad:
-                _grad_of(weight).addmm_(grad.t(), outputs[i])
+            weight_returned = None
+            if weight_grad is not None:
+                weight_grad.addmm_(grad.t(), outputs[i])
+            elif weight.requires_grad:
+                weight_returned = torch.mm(grad.t(), outputs[i])
+            returned[:0] = [weight_returned, bias_returned]
             if i > 0 or ctx.input_grad:
                 masked = grad = torch.mm(grad, weight)
-        return None, None, None, grad if ctx.input_grad else None, *(None for _ in range(2 * len(ctx.layers)))
-
-
-def _grad_of(param: nn.Parameter) -> torch.Tensor:
-    """param.grad, made (zeros in param's layout, as autograd would) if it has none yet."""
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
-    return param.grad
-
+        return None, None, None, grad if ctx.input_grad else None, *returned

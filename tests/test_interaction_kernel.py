@@ -134,10 +134,12 @@ def small_tables(dim: int, sparse: bool = False, batch: int = 11) -> tuple[Embed
     return tables, wide[:, 1:]
 
 
-def interaction_with_tables(kernel, tables: EmbeddingTables, ids: torch.Tensor, threads: int,
+def interaction_with_tables(kernel, tables: EmbeddingTables, ids: torch.Tensor, threads: int, accumulate: bool = False,
                             ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """The features and gradients (bottom, other vectors, the tables' weight) with the tables' Lookup
-    and with their gathered vectors (PyTorch's interaction), and how often the Lookup was gathered."""
+    and with their gathered vectors (PyTorch's interaction), and how often the Lookup was gathered.
+    ``accumulate``: the Lookup's through backward() (into the weight's .grad, holding 0.5s before),
+    else through torch.autograd.grad."""
     batch, dim = ids.shape[0], tables.weight.shape[1]
     generator = torch.Generator().manual_seed(2)
     bottom = torch.randn(batch, dim, generator=generator, requires_grad=True)
@@ -153,22 +155,32 @@ def interaction_with_tables(kernel, tables: EmbeddingTables, ids: torch.Tensor, 
     counted = replace(lookup, gather=lambda: gathered.append(1) or lookup.gather())
     with torch_threads(threads):
         result = dot_interaction(bottom, [counted, other], order, width, kernel)
-        got = [result, *torch.autograd.grad(result, [bottom, other, tables.weight], grad)]
+        if accumulate:
+            held = tables.weight.grad = torch.full_like(tables.weight, 0.5)
+            hooked = []
+            tables.weight.register_post_accumulate_grad_hook(lambda weight: hooked.append(weight.grad.clone()))
+            result.backward(grad)
+            assert tables.weight.grad is held and len(hooked) == 1  # added where it lies, the hook run after
+            torch.testing.assert_close(hooked[0], held)
+            got = [result, bottom.grad, other.grad, held - 0.5]
+        else:
+            got = [result, *torch.autograd.grad(result, [bottom, other, tables.weight], grad)]
     assert result.grad_fn.name() == "FusedDotInteractionBackward"
     return got, want, len(gathered)
 
 
 @needs_compiler
+@pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dim", [16, 20, 64])  # 64: whole 4-vector tiles with AVX-512
-def test_tables_read_in_place_give_the_gathered_tables_features_and_gradients(kernel, threads, dim):
+def test_tables_read_in_place_give_the_gathered_tables_features_and_gradients(kernel, threads, dim, accumulate):
     """A Lookup's rows are read from the weight and its gradient added to a dense gradient of the
-    weight: the same as gathering the vectors and scattering their gradients (ids repeat, so rows
-    sum many samples' gradients, also across the threads' slices of the batch, each adding to a
-    copy of its own)."""
+    weight (backward(): the weight's .grad itself): the same as gathering the vectors and scattering
+    their gradients (ids repeat, so rows sum many samples' gradients, also across the threads'
+    slices of the batch, each adding to a copy of its own)."""
     tables, ids = small_tables(dim, batch=1024)
     assert not ids.is_contiguous()
-    got, want, gathered = interaction_with_tables(kernel, tables, ids, threads)
+    got, want, gathered = interaction_with_tables(kernel, tables, ids, threads, accumulate)
     assert gathered == 0  # read in place
     for g, w in zip(got, want):
         assert g.layout == torch.strided and g.shape == w.shape

@@ -86,6 +86,19 @@ def test_fused_mlp_accumulates_into_existing_gradients_and_runs_their_hooks(kern
 
 
 @needs_compiler
+def test_fused_mlp_under_autograd_grad_returns_the_gradients_and_leaves_grad_alone(kernel):
+    """torch.autograd.grad returns gradients and accumulates nothing: nor does the fused node then."""
+    plain, fused = pair(kernel, 13, [32, 8], relu_last=True)
+    x = torch.randn(64, 13, requires_grad=True)
+    with torch_threads(1):
+        want = torch.autograd.grad(plain(x).sum(), [x, *plain.parameters()])
+        got = torch.autograd.grad(fused(x).sum(), [x, *fused.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert all(p.grad is None for p in fused.parameters())
+
+
+@needs_compiler
 def test_fused_mlp_without_gradients_is_the_same_function(kernel):
     plain, fused = pair(kernel, 416, [512, 256, 1], relu_last=False)
     x = torch.randn(100, 416)
