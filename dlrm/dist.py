@@ -208,8 +208,9 @@ class GradientBuffer:
     summed, not averaged: each rank scales its loss to its share of the global loss.
 
     ``shared_memory``: sum them through it instead (dlrm.shm: ranks on one node), all buckets as one,
-    at once when complete. There the rank computes the sum itself, so a second bucket would overlap
-    nothing, only add a point where the ranks wait for each other. backward accumulates straight into
+    offered when complete and summed by ``wait`` (what the rank does between absorbs the others'
+    lateness). There the rank computes the sum itself, so a second bucket would overlap nothing, only
+    add a point where the ranks wait for each other. backward accumulates straight into
     this rank's slot of the shared file (``zero`` points the gradients there), and the sum lands in
     ``flat``, where the gradients point again once it is done: no copy into the slot (3.4 MB per step
     on the small profile).
@@ -263,9 +264,7 @@ class GradientBuffer:
     def _start(self, bucket: int) -> None:
         self._started[bucket] = True
         if self._slot is not None:
-            self.shared_memory.all_reduce_(self._slot, out=self.flat)  # done when it returns
-            self._slot = None
-            self._point(self._summed)
+            self.shared_memory.all_reduce_start(self._slot)  # summed by wait()
         else:
             self._works.append(dist.all_reduce(self.slices[bucket], async_op=True))  # a sum
 
@@ -292,6 +291,10 @@ class GradientBuffer:
                 self._start(bucket)
         for work in self._works:
             work.wait()
+        if self._slot is not None:
+            self.shared_memory.all_reduce_finish(self.flat)
+            self._slot = None
+            self._point(self._summed)
         self._started = [False] * len(self._started)
         self._works = []
 

@@ -90,7 +90,7 @@ class SharedMemoryGroup:
         self._slots = torch.frombuffer(buffer, dtype=torch.float32, count=2 * world_size * capacity,
                                        offset=HEADER).view(2, world_size, capacity)
         self._calls = 0
-        self._exchanging = False  # between all_to_all_start and all_to_all_finish
+        self._started: str | None = None  # the call begun by its _start and not finished: "all_reduce", "all_to_all"
         self._lent: int | None = None  # the call send_buffer's slot was handed out for
 
     def all_reduce_(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> None:
@@ -98,16 +98,33 @@ class SharedMemoryGroup:
         (as large; required when ``tensor`` is this rank's ``send_buffer``, which the other ranks read).
         Every rank must call this with a tensor of the same size, in the same order of calls (a different
         size is an error)."""
-        n = tensor.numel()
         if out is None and self._lent == self._calls + 1 and self._in_own_slots(tensor):
             raise ValueError("the sum of a send buffer goes to another tensor (out=): the other ranks read the slot")
-        slots = self._post(tensor, [n] * self.world_size)[:, :n]
-        self._wait_for_all()
-        sizes = self._splits[self._calls % 2, :, 0].tolist()
+        self.all_reduce_start(tensor)
+        self.all_reduce_finish(tensor if out is None else out)
+
+    def all_reduce_start(self, tensor: torch.Tensor) -> None:
+        """``all_reduce_`` in two halves: offer ``tensor`` and return at once (it may be changed then: it
+        was copied, or is the send buffer the others read); ``all_reduce_finish`` waits for the other
+        ranks and writes the sum. Work between the two absorbs the other ranks' lateness."""
+        self._post(tensor, [tensor.numel()] * self.world_size)
+        self._started = "all_reduce"
+
+    def all_reduce_finish(self, out: torch.Tensor) -> None:
+        """The sum of the call ``all_reduce_start`` began, written to ``out`` (as large as what was offered)."""
+        self._finish("all_reduce")
+        n = out.numel()
+        half = self._calls % 2
+        sizes = self._splits[half, :, 0].tolist()
         if sizes != [n] * self.world_size:
-            raise RuntimeError(f"shared-memory all-reduce {self._calls}: the ranks passed {sizes} elements")
-        flat = (tensor if out is None else out).view(-1)
-        torch.add(slots[0], slots[1], out=flat)
+            raise RuntimeError(f"shared-memory all-reduce {self._calls}: the ranks passed {sizes} elements, "
+                               f"{n} expected")
+        slots = self._slots[half, :, :n]
+        flat = out.view(-1)
+        if self.world_size == 1:
+            flat.copy_(slots[0])
+        else:
+            torch.add(slots[0], slots[1], out=flat)
         for other in range(2, self.world_size):
             flat.add_(slots[other])
 
@@ -117,7 +134,7 @@ class SharedMemoryGroup:
         if len(send_sizes) != self.world_size or sum(send_sizes) != send.numel():
             raise ValueError(f"split sizes {send_sizes} do not cut {send.numel()} elements for {self.world_size} ranks")
         self._post(send, send_sizes)
-        self._exchanging = True
+        self._started = "all_to_all"
 
     def all_to_all_finish(self, received: torch.Tensor, receive_sizes: list[int]) -> None:
         """Fill ``received`` (contiguous) with every rank's segment for this rank, in rank order, of the
@@ -127,10 +144,7 @@ class SharedMemoryGroup:
     def all_to_all_views(self, receive_sizes: list[int]) -> list[torch.Tensor]:
         """``all_to_all_finish`` without the copy: each rank's segment for this rank (receive_sizes[j]
         elements from rank j) where it lies in the shared file, valid until this rank's next call."""
-        if not self._exchanging:
-            raise RuntimeError("all_to_all_finish without all_to_all_start")
-        self._exchanging = False
-        self._wait_for_all()
+        self._finish("all_to_all")
         half = self._calls % 2
         splits = self._splits[half].tolist()
         expected = [row[self.rank] for row in splits]
@@ -139,19 +153,24 @@ class SharedMemoryGroup:
         return [self._slots[half, sender, sum(row[:self.rank]):sum(row[:self.rank + 1])]
                 for sender, row in enumerate(splits)]
 
-    def all_gather_views(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``tensor`` (float32, contiguous; the ranks' sizes may differ), in rank order, where
-        each lies in the shared file (this rank's too), valid until this rank's next call."""
+    def all_gather_start(self, tensor: torch.Tensor) -> None:
+        """Offer ``tensor`` (float32, contiguous; the ranks' sizes may differ) to every rank and return at
+        once; ``all_gather_views`` waits for the others'."""
         self._post(tensor, [tensor.numel()] * self.world_size)
-        self._wait_for_all()
+        self._started = "all_gather"
+
+    def all_gather_views(self) -> list[torch.Tensor]:
+        """Every rank's tensor of the call ``all_gather_start`` began, in rank order, where each lies in
+        the shared file (this rank's too), valid until this rank's next call."""
+        self._finish("all_gather")
         half = self._calls % 2
         return [self._slots[half, sender, :n] for sender, n in enumerate(self._splits[half, :, 0].tolist())]
 
     def send_buffer(self, n: int) -> torch.Tensor:
         """This rank's slot for its next call (its first ``n`` elements): written there, a tensor is
         posted by that call without being copied. Only between calls, and for the very next one."""
-        if self._exchanging:  # its half could still be read by the other ranks
-            raise RuntimeError("a shared-memory group takes one call at a time: all_to_all_start was not finished")
+        if self._started:  # its half could still be read by the other ranks
+            raise RuntimeError(f"a shared-memory group takes one call at a time: {self._started}_start was not finished")
         if n > self.capacity:
             raise ValueError(f"a send buffer of {n} elements is larger than the capacity {self.capacity}")
         self._lent = self._calls + 1
@@ -160,8 +179,8 @@ class SharedMemoryGroup:
     def _post(self, tensor: torch.Tensor, splits: list[int]) -> torch.Tensor:
         """Copy ``tensor`` and ``splits`` (an all-to-all's split sizes, or an all-reduce's size) into this
         rank's slot and row of the next call's half, then raise the sequence number; returns that half's slots."""
-        if self._exchanging:  # its half could be overwritten before the other ranks have read it
-            raise RuntimeError("a shared-memory group takes one call at a time: all_to_all_start was not finished")
+        if self._started:  # its half could be overwritten before the other ranks have read it
+            raise RuntimeError(f"a shared-memory group takes one call at a time: {self._started}_start was not finished")
         n = tensor.numel()
         if tensor.dtype != torch.float32 or not tensor.is_contiguous() or n > self.capacity:
             raise ValueError(f"shared-memory collectives take contiguous float32 tensors of up to "
@@ -178,6 +197,13 @@ class SharedMemoryGroup:
         self._splits[half, self.rank] = torch.tensor(splits)
         self._sequence[self.rank] = self._calls  # after the data (x86: stores stay in order)
         return self._slots[half]
+
+    def _finish(self, call: str) -> None:
+        """Wait for every rank's part of the ``call`` this rank started."""
+        if self._started != call:
+            raise RuntimeError(f"{call}_finish without {call}_start")
+        self._started = None
+        self._wait_for_all()
 
     def _in_own_slots(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` starts inside this rank's slot of either half."""

@@ -15,6 +15,8 @@ replicated optimizer's format (``state_dict`` gathers the shares): either kind r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -64,13 +66,18 @@ class SplitAdam:
         return self.adam.state
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, meanwhile: Callable[[], None] | None = None) -> None:
+        """Step this rank's share, offer it, run ``meanwhile`` (work that absorbs the other ranks' lateness:
+        it must not touch ``params``), then take the others' shares."""
         if self.mine:
             self.adam.step()
         send = self.group.send_buffer(sum(self.share_sizes[self.rank]))
         if self.mine:
             torch.cat([self.params[i].reshape(-1) for i in self.mine], out=send)  # (logical order, any layout)
-        for rank, received in enumerate(self.group.all_gather_views(send)):
+        self.group.all_gather_start(send)
+        if meanwhile is not None:
+            meanwhile()
+        for rank, received in enumerate(self.group.all_gather_views()):
             if rank == self.rank:
                 continue
             for i, values in zip(self.shares[rank], received.split(self.share_sizes[rank])):

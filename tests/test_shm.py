@@ -98,7 +98,8 @@ def sums_worker(out: str) -> None:
     for call in range(2):
         buffer = group.send_buffer(0 if info.rank == 1 else info.rank + 2)
         buffer.fill_(10.0 * call + info.rank)
-        views = group.all_gather_views(buffer)
+        group.all_gather_start(buffer)
+        views = group.all_gather_views()
         assert [v.tolist() for v in views] == [[10.0 * call + r] * (0 if r == 1 else r + 2) for r in range(info.world_size)]
     group.all_to_all_start(torch.zeros(info.world_size), [1] * info.world_size)
     with pytest.raises(ValueError, match=rf"rank {info.rank} expected \[2, 2, 2\] elements from the ranks, they sent \[1, 1, 1\]"):
@@ -188,6 +189,26 @@ def test_a_group_takes_one_call_at_a_time():
             call()
 
 
+def test_an_all_reduce_in_two_halves_sums_what_was_offered_and_blocks_other_calls_meanwhile():
+    buffer = mmap.mmap(-1, shm.file_bytes(1, 4))
+    shm.pid_slots(buffer, 1)[0] = os.getpid()
+    group = shm.SharedMemoryGroup(buffer, rank=0, world_size=1, capacity=4, timeout_s=1)
+    with pytest.raises(RuntimeError, match="all_reduce_finish without all_reduce_start"):
+        group.all_reduce_finish(torch.empty(3))
+    offered = torch.tensor([1.0, 2.0, 3.0])
+    group.all_reduce_start(offered)
+    offered.fill_(9.0)  # (copied when offered: free to change meanwhile)
+    for call in (lambda: group.all_reduce_(torch.ones(3)), lambda: group.all_to_all_start(torch.ones(2), [2]),
+                 lambda: group.send_buffer(2), lambda: group.all_to_all_finish(torch.empty(2), [2])):
+        with pytest.raises(RuntimeError, match="all_reduce_start was not finished|all_to_all_finish without"):
+            call()
+    summed = torch.empty(3)
+    group.all_reduce_finish(summed)
+    assert summed.tolist() == [1.0, 2.0, 3.0]
+    group.all_reduce_(offered)  # and the group takes calls again
+    assert offered.tolist() == [9.0, 9.0, 9.0]
+
+
 def test_a_send_buffer_is_posted_where_it_was_written_and_only_by_its_call():
     """Written into send_buffer, a tensor is posted from there (the rank reads its own segment at the
     very memory it wrote; a copy of the slot onto itself would show nothing, so the bookkeeping is
@@ -213,7 +234,7 @@ def test_a_send_buffer_is_posted_where_it_was_written_and_only_by_its_call():
         calls = group._calls
         with pytest.raises(RuntimeError, match="another call came in between"):
             group.all_to_all_start(stale, [2])
-        assert group._calls == calls and not group._exchanging
+        assert group._calls == calls and group._started is None
     group.all_to_all_start(torch.ones(2), [2])
     with pytest.raises(RuntimeError, match="one call at a time: all_to_all_start was not finished"):
         group.send_buffer(2)
