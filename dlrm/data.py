@@ -16,6 +16,7 @@ batches, because every lookup of an owned table goes through its owner.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Iterator, NamedTuple
 
@@ -69,7 +70,7 @@ def read_rows(array: np.memmap, start: int, stop: int) -> np.ndarray:
     """``array[start:stop]`` read from its file with one pread, not through the mapping: the pages
     stay in the OS page cache instead of piling up in the process's resident memory over an
     epoch (with the mapping, its peak RSS would grow by the size of the split)."""
-    row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+    row_bytes = math.prod(array.shape[1:]) * array.dtype.itemsize  # (np.prod: ~7 us, 28 calls a step)
     raw = os.pread(_open(array.filename), (stop - start) * row_bytes, array.offset + start * row_bytes)
     return np.frombuffer(raw, dtype=array.dtype).reshape(stop - start, *array.shape[1:])
 
