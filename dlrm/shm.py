@@ -90,7 +90,7 @@ class SharedMemoryGroup:
         self._slots = torch.frombuffer(buffer, dtype=torch.float32, count=2 * world_size * capacity,
                                        offset=HEADER).view(2, world_size, capacity)
         self._calls = 0
-        self._started: str | None = None  # the call begun by its _start and not finished: "all_reduce", "all_to_all"
+        self._started: str | None = None  # the call begun by its _start and not finished yet ("all_reduce", ...)
         self._lent: int | None = None  # the call send_buffer's slot was handed out for
 
     def all_reduce_(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> None:
@@ -169,8 +169,7 @@ class SharedMemoryGroup:
     def send_buffer(self, n: int) -> torch.Tensor:
         """This rank's slot for its next call (its first ``n`` elements): written there, a tensor is
         posted by that call without being copied. Only between calls, and for the very next one."""
-        if self._started:  # its half could still be read by the other ranks
-            raise RuntimeError(f"a shared-memory group takes one call at a time: {self._started}_start was not finished")
+        self._refuse_while_started()  # its half could still be read by the other ranks
         if n > self.capacity:
             raise ValueError(f"a send buffer of {n} elements is larger than the capacity {self.capacity}")
         self._lent = self._calls + 1
@@ -179,8 +178,7 @@ class SharedMemoryGroup:
     def _post(self, tensor: torch.Tensor, splits: list[int]) -> torch.Tensor:
         """Copy ``tensor`` and ``splits`` (an all-to-all's split sizes, or an all-reduce's size) into this
         rank's slot and row of the next call's half, then raise the sequence number; returns that half's slots."""
-        if self._started:  # its half could be overwritten before the other ranks have read it
-            raise RuntimeError(f"a shared-memory group takes one call at a time: {self._started}_start was not finished")
+        self._refuse_while_started()  # its half could be overwritten before the other ranks have read it
         n = tensor.numel()
         if tensor.dtype != torch.float32 or not tensor.is_contiguous() or n > self.capacity:
             raise ValueError(f"shared-memory collectives take contiguous float32 tensors of up to "
@@ -197,6 +195,10 @@ class SharedMemoryGroup:
         self._splits[half, self.rank] = torch.tensor(splits)
         self._sequence[self.rank] = self._calls  # after the data (x86: stores stay in order)
         return self._slots[half]
+
+    def _refuse_while_started(self) -> None:
+        if self._started:
+            raise RuntimeError(f"a shared-memory group takes one call at a time: {self._started}_start was not finished")
 
     def _finish(self, call: str) -> None:
         """Wait for every rank's part of the ``call`` this rank started."""
